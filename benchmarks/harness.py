@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: warm median timing, peak memory, environment record, JSON + markdown output.
+
+Run a suite from the repository root: `python -m benchmarks.bench_<stem> [--quick]`. Results go to
+$OUT when set (the GPU machine), else benchmarks/results/local/ (git-ignored); the committed tables
+under benchmarks/results/ come from GPU runs.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+# Measured ceilings of the cards we report against (../shared/notes/gpu-method.md).
+COPY_BANDWIDTH_GBS = {"H100": 3000.0, "H200": 4300.0}
+BF16_DENSE_TFLOPS = 790.0
+
+
+def parse_args(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small shapes only (CPU smoke run)")
+    parser.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results/local)")
+    return parser.parse_args()
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of fn(), warm (called once before timing)."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Peak CUDA memory allocated during fn() above what was allocated before, in MB (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def card() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def copy_bandwidth_gbs() -> float | None:
+    name = card()
+    return next((bw for key, bw in COPY_BANDWIDTH_GBS.items() if key in name), None)
+
+
+def environment() -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"card": card(), "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def out_dir(args) -> str:
+    path = args.out or os.environ.get("OUT") or os.path.join("benchmarks", "results", "local")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
+    """Write <out>/<stem>.json and <out>/<stem>.md (a table of `rows`, header from their keys)."""
+    env = environment()
+    path = out_dir(args)
+    with open(os.path.join(path, f"{stem}.json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = [f"## {stem}", "", f"{env['card']}, torch {env['torch']}, triton {env['triton']}, commit "
+             f"{env['commit']}, {env['date']}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(path, f"{stem}.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return table

@@ -1,0 +1,71 @@
+// The one Python binding of qlora_kernels._C: CPU kernels always, CUDA launchers when built WITH_CUDA.
+#include <torch/extension.h>
+
+#include "nf4_cuda.h"
+
+namespace qlora_kernels {
+
+std::vector<torch::Tensor> nf4_quantize(const torch::Tensor& x, int64_t blocksize);
+void nf4_dequantize(const torch::Tensor& packed, const torch::Tensor& absmax, int64_t blocksize, torch::Tensor& out);
+
+#ifdef WITH_CUDA
+namespace {
+
+FloatType float_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return FloatType::kFloat32;
+    case torch::kFloat16: return FloatType::kFloat16;
+    case torch::kBFloat16: return FloatType::kBFloat16;
+    default: TORCH_CHECK(false, "expected a float32/float16/bfloat16 tensor, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+}
+
+// stream: torch.cuda.current_stream().cuda_stream, passed from Python (no CUDA torch headers needed here)
+void nf4_quantize_cuda_binding(const torch::Tensor& x, torch::Tensor& packed, torch::Tensor& absmax,
+                               int64_t blocksize, int64_t stream) {
+  check_cuda(x, "x");
+  check_cuda(packed, "packed");
+  check_cuda(absmax, "absmax");
+  nf4_quantize_cuda(x.data_ptr(), float_type(x), x.numel(), blocksize, packed.data_ptr<uint8_t>(),
+                    absmax.data_ptr<float>(), reinterpret_cast<void*>(stream));
+}
+
+void nf4_dequantize_cuda_binding(const torch::Tensor& packed, const torch::Tensor& scales,
+                                 const std::optional<torch::Tensor>& absmax2, const std::optional<torch::Tensor>& code2,
+                                 const std::optional<torch::Tensor>& offset, torch::Tensor& out, int64_t blocksize,
+                                 int64_t nested_blocksize, int64_t stream) {
+  check_cuda(packed, "packed");
+  check_cuda(scales, "scales");
+  check_cuda(out, "out");
+  const bool nested = absmax2.has_value();
+  TORCH_CHECK(nested == (scales.scalar_type() == torch::kUInt8), "scales must be uint8 exactly when nested");
+  nf4_dequantize_cuda(packed.data_ptr<uint8_t>(), scales.data_ptr(), nested ? absmax2->data_ptr<float>() : nullptr,
+                      nested ? code2->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,
+                      out.numel(), blocksize, nested_blocksize, out.data_ptr(), float_type(out),
+                      reinterpret_cast<void*>(stream));
+}
+
+}  // namespace
+#endif
+
+}  // namespace qlora_kernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qlora_kernels native kernels (CPU with OpenMP; CUDA when built with it)";
+  m.def("nf4_quantize", &qlora_kernels::nf4_quantize, "NF4 quantize (CPU): x -> [packed, absmax]");
+  m.def("nf4_dequantize", &qlora_kernels::nf4_dequantize, "NF4 dequantize (CPU) into out");
+#ifdef WITH_CUDA
+  m.def("nf4_quantize_cuda", &qlora_kernels::nf4_quantize_cuda_binding, "NF4 quantize (CUDA)");
+  m.def("nf4_dequantize_cuda", &qlora_kernels::nf4_dequantize_cuda_binding, "NF4 dequantize (CUDA)");
+#endif
+  m.attr("with_cuda") =
+#ifdef WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}

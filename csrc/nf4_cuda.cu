@@ -1,0 +1,163 @@
+// CUDA NF4 quantize / dequantize kernels. No torch headers: raw pointers, sizes and a stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "nf4_codes.h"
+#include "nf4_cuda.h"
+
+namespace qlora_kernels {
+namespace {
+
+__constant__ float kCode[16];
+__constant__ float kMidpoints[15];
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+constexpr int kQuantThreads = 256;
+
+// One CTA per scale block: max |x| by a shared-memory reduction, then codes for pairs of elements.
+template <typename T>
+__global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t blocksize, uint8_t* __restrict__ packed,
+                                float* __restrict__ absmax) {
+  __shared__ float partial[kQuantThreads];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t end = min(n, start + blocksize);
+  float amax = 0.0f;
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) amax = fmaxf(amax, fabsf(to_float(x[i])));
+  partial[threadIdx.x] = amax;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  amax = partial[0];
+  if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
+  const float inv = __frcp_rn(amax);
+  for (int64_t i = start + 2 * threadIdx.x; i < end; i += 2 * blockDim.x) {
+    uint8_t hi = kNF4Zero, lo = kNF4Zero;
+    if (amax != 0.0f) {
+      const float s0 = __fmul_rn(to_float(x[i]), inv);
+      hi = 0;
+      for (int k = 0; k < 15; ++k) hi += s0 > kMidpoints[k];
+      if (i + 1 < end) {
+        const float s1 = __fmul_rn(to_float(x[i + 1]), inv);
+        lo = 0;
+        for (int k = 0; k < 15; ++k) lo += s1 > kMidpoints[k];
+      }
+    }
+    packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+  }
+}
+
+template <bool kDoubleQuant>
+__device__ __forceinline__ float block_scale(const void* scales, const float* absmax2, const float* code2,
+                                             const float* offset, int64_t block, int64_t nested_blocksize) {
+  if (kDoubleQuant) {
+    const uint8_t q = static_cast<const uint8_t*>(scales)[block];
+    // two roundings, no FMA: bitsandbytes dequantizes the nested absmax, then adds the offset
+    return __fadd_rn(__fmul_rn(code2[q], absmax2[block / nested_blocksize]), *offset);
+  }
+  return static_cast<const float*>(scales)[block];
+}
+
+// Each thread expands 4 packed bytes (8 outputs); blocksize >= 32 keeps them in one scale block.
+template <typename T, bool kDoubleQuant>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const void* scales, const float* absmax2,
+                                  const float* code2, const float* offset, int64_t n, int64_t blocksize,
+                                  int64_t nested_blocksize, T* __restrict__ out) {
+  const int64_t quad = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = quad * 8;
+  if (first >= n) return;
+  const float scale = block_scale<kDoubleQuant>(scales, absmax2, code2, offset, first / blocksize, nested_blocksize);
+  if (first + 8 <= n) {
+    const uchar4 b = *reinterpret_cast<const uchar4*>(packed + quad * 4);
+    const uint8_t bytes[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[first + 2 * j] = from_float<T>(kCode[bytes[j] >> 4] * scale);
+      out[first + 2 * j + 1] = from_float<T>(kCode[bytes[j] & 0xF] * scale);
+    }
+    return;
+  }
+  for (int64_t i = first; i < n; ++i) {
+    const uint8_t byte = packed[i / 2];
+    out[i] = from_float<T>(kCode[(i % 2 == 0) ? (byte >> 4) : (byte & 0xF)] * scale);
+  }
+}
+
+void upload_tables() {
+  static bool done = false;  // constant memory is per context; one device is the supported case
+  if (done) return;
+  float mids[15];
+  for (int k = 0; k < 15; ++k) mids[k] = (kNF4Code[k] + kNF4Code[k + 1]) / 2.0f;
+  cudaMemcpyToSymbol(kCode, kNF4Code, sizeof(kNF4Code));
+  cudaMemcpyToSymbol(kMidpoints, mids, sizeof(mids));
+  done = true;
+}
+
+template <typename T>
+void launch_dequantize(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
+                       const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
+                       cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t quads = (n + 7) / 8;
+  const unsigned grid = static_cast<unsigned>((quads + threads - 1) / threads);
+  if (absmax2 != nullptr) {
+    dequantize_kernel<T, true><<<grid, threads, 0, stream>>>(packed, scales, absmax2, code2, offset, n, blocksize,
+                                                             nested_blocksize, static_cast<T*>(out));
+  } else {
+    dequantize_kernel<T, false><<<grid, threads, 0, stream>>>(packed, scales, absmax2, code2, offset, n, blocksize,
+                                                              nested_blocksize, static_cast<T*>(out));
+  }
+}
+
+}  // namespace
+
+void nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
+                       void* stream) {
+  upload_tables();
+  const unsigned grid = static_cast<unsigned>((n + blocksize - 1) / blocksize);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case FloatType::kFloat32:
+      quantize_kernel<<<grid, kQuantThreads, 0, s>>>(static_cast<const float*>(x), n, blocksize, packed, absmax);
+      break;
+    case FloatType::kFloat16:
+      quantize_kernel<<<grid, kQuantThreads, 0, s>>>(static_cast<const __half*>(x), n, blocksize, packed, absmax);
+      break;
+    case FloatType::kBFloat16:
+      quantize_kernel<<<grid, kQuantThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), n, blocksize, packed,
+                                                     absmax);
+      break;
+  }
+}
+
+void nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
+                         const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
+                         FloatType dtype, void* stream) {
+  upload_tables();
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case FloatType::kFloat32:
+      launch_dequantize<float>(packed, scales, absmax2, code2, offset, n, blocksize, nested_blocksize, out, s);
+      break;
+    case FloatType::kFloat16:
+      launch_dequantize<__half>(packed, scales, absmax2, code2, offset, n, blocksize, nested_blocksize, out, s);
+      break;
+    case FloatType::kBFloat16:
+      launch_dequantize<__nv_bfloat16>(packed, scales, absmax2, code2, offset, n, blocksize, nested_blocksize, out,
+                                       s);
+      break;
+  }
+}
+
+}  // namespace qlora_kernels

@@ -1,0 +1,67 @@
+"""Which implementation runs an op for a given tensor.
+
+- CUDA tensors: the Triton kernels.
+- CPU tensors with TRITON_INTERPRET=1: the Triton kernels under the interpreter (how CI tests them).
+- other CPU tensors: the C++ extension `qlora_kernels._C`, or the plain-PyTorch reference when the
+  extension is missing (one warning, never an import error).
+"""
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("triton", "cpu", "reference")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (must be set before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def native():
+    """The compiled extension module, or None (warns once) when it was not built."""
+    if os.environ.get("QLORA_KERNELS_NO_EXT") == "1":
+        return None
+    try:
+        from qlora_kernels import _C
+    except ImportError as err:
+        warnings.warn(f"qlora_kernels: native extension not available ({err}); CPU ops fall back "
+                      "to the plain-PyTorch reference path (slow). Reinstall with "
+                      "`pip install --no-build-isolation .` to build it.", RuntimeWarning, stacklevel=3)
+        return None
+    return _C
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """"triton", "cpu" or "reference": the implementation an op on `tensor` dispatches to."""
+    if tensor.device.type == "cuda" or (interpreting() and tensor.device.type == "cpu"):
+        return "triton"
+    if tensor.device.type != "cpu":
+        raise NotImplementedError(f"qlora_kernels: no backend for device {tensor.device}")
+    return "cpu" if native() is not None else "reference"
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str | None) -> str:
+    """`backend` if given (validated), else `backend_for(tensor)`."""
+    if backend is None:
+        return backend_for(tensor)
+    if backend not in BACKENDS + ("cuda_ext",):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS + ('cuda_ext',)}")
+    if backend == "cpu" and native() is None:
+        raise RuntimeError("backend 'cpu' needs the native extension, which is not built")
+    on_cuda = tensor.device.type == "cuda"
+    if (backend == "cuda_ext" and not on_cuda) or (backend == "cpu" and on_cuda) \
+            or (backend == "triton" and not (on_cuda or interpreting())):
+        raise ValueError(f"backend {backend!r} cannot run on {tensor.device} tensors"
+                         + ("" if on_cuda else " (Triton on CPU needs TRITON_INTERPRET=1 set before import)"))
+    return backend
+
+
+def check_same_device(**tensors):
+    """Raise ValueError naming each tensor's device when they are not all on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")

@@ -1,0 +1,114 @@
+"""NF4 quantize / dequantize: checks, then dispatch to Triton (CUDA, or CPU under TRITON_INTERPRET=1),
+the C++ extension (CPU), the extension's CUDA kernels (backend="cuda_ext"), or the reference."""
+import torch
+import triton
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import nf4 as kernels
+from qlora_kernels.nf4_weight import NF4Weight
+from qlora_kernels.reference import nf4 as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_weight(weight, blocksize):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
+    if blocksize not in ref.BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {ref.BLOCKSIZES}, got {blocksize}")
+    if not bool(torch.isfinite(weight).all()):  # one sync; quantization is not on the training hot path
+        raise ValueError("weight has non-finite values (NaN or inf); NF4 cannot represent them")
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 backend: str | None = None) -> NF4Weight:
+    """Quantize a 2-D float weight `(out, in)` to NF4, byte-identical to bitsandbytes'
+    `quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)`.
+
+    Dequantization returns `weight.dtype`. `backend` overrides the device's default (tests, benchmarks).
+    """
+    _check_weight(weight, blocksize)
+    backend = _backend.resolve_backend(weight, backend)
+    x = weight.contiguous()
+    if backend == "triton":
+        packed, absmax = _quantize_triton(x, blocksize)
+    elif backend == "cpu":
+        packed, absmax = _backend.native().nf4_quantize(x, blocksize)
+    elif backend == "cuda_ext":
+        packed, absmax = _quantize_cuda_ext(x, blocksize)
+    else:
+        packed, absmax = ref.quantize_blocks(x, blocksize)
+    if not double_quant:
+        return NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
+    qabsmax, absmax2, code2, offset = ref.quantize_absmax(absmax)
+    return NF4Weight(packed, weight.shape, weight.dtype, blocksize, qabsmax=qabsmax, absmax2=absmax2,
+                     code2=code2, offset=offset)
+
+
+def dequantize_nf4(qweight: NF4Weight, backend: str | None = None) -> torch.Tensor:
+    """NF4Weight -> dense `qweight.shape` tensor in `qweight.dtype`, equal to bitsandbytes'
+    `dequantize_4bit` (one fp32 multiply per element, one rounding)."""
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(qweight).__name__}")
+    backend = _backend.resolve_backend(qweight.packed, backend)
+    if backend == "triton":
+        return _dequantize_triton(qweight)
+    if backend == "cpu":
+        out = torch.empty(qweight.shape, dtype=qweight.dtype)
+        _backend.native().nf4_dequantize(qweight.packed, qweight.absmax(), qweight.blocksize, out)
+        return out
+    if backend == "cuda_ext":
+        return _dequantize_cuda_ext(qweight)
+    return ref.dequantize_nf4(qweight)
+
+
+def _quantize_triton(x, blocksize):
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    rows = max(1, kernels.QUANT_TILE // blocksize)
+    mids = ref.midpoints(ref.nf4_code(x.device))
+    kernels.nf4_quantize_kernel[(triton.cdiv(nblocks, rows),)](x, mids, packed, absmax, n, nblocks,
+                                                                BLOCKSIZE=blocksize, ROWS=rows)
+    return packed, absmax
+
+
+def _dequantize_triton(qweight):
+    out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
+    n = qweight.numel()
+    scales, absmax2, code2, offset = qweight.scale_tensors()
+    # the interpreter's fp32 -> bf16 conversion truncates: round in the kernel, store the bits
+    bf16_bits = _backend.interpreting() and out.dtype == torch.bfloat16
+    grid = (triton.cdiv((n + 1) // 2, kernels.DEQUANT_BLOCK_BYTES),)
+    kernels.nf4_dequantize_kernel[grid](
+        qweight.packed, scales, absmax2 if absmax2 is not None else scales, code2 if code2 is not None else scales,
+        offset if offset is not None else scales, ref.nf4_code(qweight.device),
+        out.view(torch.int16) if bf16_bits else out, n,
+        BLOCKSIZE=qweight.blocksize, DOUBLE_QUANT=qweight.double_quant, NESTED_BLOCKSIZE=qweight.nested_blocksize,
+        OUT_BF16_BITS=bf16_bits, BLOCK_BYTES=kernels.DEQUANT_BLOCK_BYTES, num_warps=kernels.DEQUANT_NUM_WARPS)
+    return out
+
+
+def _cuda_stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _quantize_cuda_ext(x, blocksize):
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
+    _backend.native().nf4_quantize_cuda(x, packed, absmax, blocksize, _cuda_stream(x.device))
+    return packed, absmax
+
+
+def _dequantize_cuda_ext(qweight):
+    out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
+    scales, absmax2, code2, offset = qweight.scale_tensors()
+    _backend.native().nf4_dequantize_cuda(qweight.packed, scales, absmax2, code2, offset, out, qweight.blocksize,
+                                          qweight.nested_blocksize, _cuda_stream(out.device))
+    return out

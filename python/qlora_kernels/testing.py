@@ -1,0 +1,106 @@
+"""Test helpers: an assert_close that names the worst element, and a compile check of Triton kernels
+for real GPU targets (sm_80 / sm_90) that needs no GPU.
+
+The interpreter cannot show register spills, shared-memory overflow or missed tensor-core paths;
+compiling the kernel for the target and reading the cubin's resource usage and SASS does.
+"""
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def assert_close(actual, expected, *, atol, rtol, msg=""):
+    """torch.testing-style closeness check whose message gives the worst element and its index."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.numel() == 0:
+        return
+    both_nan = a.isnan() & e.isnan()
+    err = (a - e).abs().masked_fill(both_nan, 0).nan_to_num(nan=float("inf"))
+    excess = err - (atol + rtol * e.abs().nan_to_num(nan=0.0))
+    worst = int(excess.flatten().argmax())
+    if excess.flatten()[worst] > 0:
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+        bad = int((excess > 0).sum())
+        raise AssertionError(
+            f"{msg} {bad}/{a.numel()} elements differ; worst at {index}: got {a[index].item()!r}, "
+            f"expected {e[index].item()!r} (|diff| {err[index].item():.3g}, atol {atol}, rtol {rtol})")
+
+
+def max_error(actual, expected):
+    """Largest absolute difference, in fp64, as a float."""
+    if actual.numel() == 0:
+        return 0.0
+    return float((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max())
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCase:
+    """One Triton kernel at one real launch config, to be compiled for a GPU target."""
+    module: str          # e.g. "qlora_kernels.kernels.nf4"
+    kernel: str          # name of the @triton.jit function in that module
+    signature: dict      # arg name -> "*bf16" / "i32" / "fp32" / "constexpr"
+    constexprs: dict     # constexpr name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def label(self):
+        return f"{self.kernel}[{','.join(f'{k}={v}' for k, v in self.constexprs.items())}," \
+               f"w{self.num_warps}s{self.num_stages}]"
+
+
+def _compile_here(case: CompileCase, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(case.module), case.kernel)
+    src = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    tool_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cubin_path = f"/tmp/qlora_kernels_{os.getpid()}_{case.kernel}_{arch}.cubin"
+    with open(cubin_path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([os.path.join(tool_dir, "cuobjdump"), "--dump-resource-usage", cubin_path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tool_dir, "cuobjdump"), "--dump-sass", cubin_path],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(cubin_path)
+    fields = dict(tok.split(":", 1) for tok in usage.split() if ":" in tok and tok.split(":", 1)[1].isdigit())
+    return {"label": case.label(), "arch": arch, "registers": int(fields.get("REG", -1)),
+            "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
+            "shared": int(compiled.metadata.shared),
+            "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")}
+
+
+def compile_for_gpu(cases, archs=(80, 90)) -> list:
+    """Compile every case for every arch; a list of resource reports (dicts).
+
+    Under TRITON_INTERPRET=1 the kernels in this process are interpreted objects, so the compile runs
+    in a child process without it.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return [_compile_here(c, a) for c in cases for a in archs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    payload = json.dumps({"cases": [dataclasses.asdict(c) for c in cases], "archs": list(archs)})
+    proc = subprocess.run([sys.executable, "-m", "qlora_kernels.testing"], input=payload, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"GPU compile failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.stdin.read())
+    reports = [_compile_here(CompileCase(**c), a) for c in job["cases"] for a in job["archs"]]
+    print(json.dumps(reports))
