@@ -17,14 +17,16 @@ def native_extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # QLORA_KERNELS_CUDA_ARCHS="90" builds for one card only (faster build on the GPU machine)
+    cuda_archs = os.environ.get("QLORA_KERNELS_CUDA_ARCHS", "80;90").split(";")
     with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "qlora_kernels._C",
             sources + sorted(glob.glob("csrc/*.cu")),
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
-                                                     "-gencode=arch=compute_90,code=sm_90"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + [
+                f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -7,6 +7,12 @@ namespace qlora_kernels {
 
 std::vector<torch::Tensor> nf4_quantize(const torch::Tensor& x, int64_t blocksize);
 void nf4_dequantize(const torch::Tensor& packed, const torch::Tensor& absmax, int64_t blocksize, torch::Tensor& out);
+torch::Tensor adamw_grad_stats_cpu(const std::vector<torch::Tensor>& grads);
+void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                    const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                    const std::vector<torch::Tensor>& max_exp_avg_sqs, const std::vector<torch::Tensor>& steps,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                    bool maximize, double grad_scale, bool stochastic_rounding, int64_t seed);
 
 #ifdef WITH_CUDA
 namespace {
@@ -58,6 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qlora_kernels native kernels (CPU with OpenMP; CUDA when built with it)";
   m.def("nf4_quantize", &qlora_kernels::nf4_quantize, "NF4 quantize (CPU): x -> [packed, absmax]");
   m.def("nf4_dequantize", &qlora_kernels::nf4_dequantize, "NF4 dequantize (CPU) into out");
+  m.def("adamw_grad_stats_cpu", &qlora_kernels::adamw_grad_stats_cpu, "AdamW (CPU): [sum of squares, non-finite count] of grads");
+  m.def("adamw_step_cpu", &qlora_kernels::adamw_step_cpu, "AdamW (CPU): one step over a list of tensors");
 #ifdef WITH_CUDA
   m.def("nf4_quantize_cuda", &qlora_kernels::nf4_quantize_cuda_binding, "NF4 quantize (CUDA)");
   m.def("nf4_dequantize_cuda", &qlora_kernels::nf4_dequantize_cuda_binding, "NF4 dequantize (CUDA)");

@@ -27,13 +27,10 @@ void quantize_blocks(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, 
     float amax = 0.0f;
     for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
     absmax[b] = amax;
-    const float inv = 1.0f / amax;
+    const float inv = 1.0f / std::max(amax, kMinAbsmax);
     for (int64_t i = start; i < end; i += 2) {  // start is even: blocksize is
-      uint8_t hi = kNF4Zero, lo = kNF4Zero;
-      if (amax != 0.0f) {
-        hi = nf4_code_of(static_cast<float>(x[i]) * inv, midpoints);
-        if (i + 1 < end) lo = nf4_code_of(static_cast<float>(x[i + 1]) * inv, midpoints);
-      }
+      const uint8_t hi = nf4_code_of(static_cast<float>(x[i]) * inv, midpoints);
+      const uint8_t lo = i + 1 < end ? nf4_code_of(static_cast<float>(x[i + 1]) * inv, midpoints) : kNF4Zero;
       packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }
   }

@@ -41,18 +41,15 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
   }
   amax = partial[0];
   if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
-  const float inv = __frcp_rn(amax);
+  const float inv = __frcp_rn(fmaxf(amax, kMinAbsmax));
   for (int64_t i = start + 2 * threadIdx.x; i < end; i += 2 * blockDim.x) {
-    uint8_t hi = kNF4Zero, lo = kNF4Zero;
-    if (amax != 0.0f) {
-      const float s0 = __fmul_rn(to_float(x[i]), inv);
-      hi = 0;
-      for (int k = 0; k < 15; ++k) hi += s0 > kMidpoints[k];
-      if (i + 1 < end) {
-        const float s1 = __fmul_rn(to_float(x[i + 1]), inv);
-        lo = 0;
-        for (int k = 0; k < 15; ++k) lo += s1 > kMidpoints[k];
-      }
+    const float s0 = __fmul_rn(to_float(x[i]), inv);
+    uint8_t hi = 0, lo = kNF4Zero;
+    for (int k = 0; k < 15; ++k) hi += s0 > kMidpoints[k];
+    if (i + 1 < end) {
+      const float s1 = __fmul_rn(to_float(x[i + 1]), inv);
+      lo = 0;
+      for (int k = 0; k < 15; ++k) lo += s1 > kMidpoints[k];
     }
     packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
   }

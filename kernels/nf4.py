@@ -8,6 +8,7 @@ DEQUANT_BLOCK_BYTES = 2048
 DEQUANT_NUM_WARPS = 4
 # Elements per quantize program (whole scale blocks; ROWS = QUANT_TILE // blocksize, at least 1).
 QUANT_TILE = 4096
+QUANT_NUM_WARPS = 8  # 4 warps spill (8-byte stack) at BLOCKSIZE=4096 on sm_80
 
 
 @triton.jit
@@ -60,7 +61,7 @@ def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks
                         BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr):
     """Quantize ROWS scale blocks of BLOCKSIZE elements per program: absmax (fp32) and packed codes.
 
-    code = number of NF4 midpoints strictly below x * (1 / absmax); 7 (0.0) for padding and all-zero blocks.
+    code = number of NF4 midpoints strictly below x * (1 / max(absmax, 1e-38)); 7 (0.0) for padding.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     pair = tl.arange(0, BLOCKSIZE // 2)
@@ -69,7 +70,7 @@ def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks
     x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
-    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), absmax)[:, None]
+    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.maximum(absmax, 1e-38))[:, None]
     s_even = x_even * inv
     s_odd = x_odd * inv
     c_even = tl.zeros((ROWS, BLOCKSIZE // 2), tl.int32)
@@ -78,8 +79,6 @@ def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks
         mid = tl.load(midpoints_ptr + i)
         c_even += (s_even > mid).to(tl.int32)
         c_odd += (s_odd > mid).to(tl.int32)
-    zero_block = (absmax == 0)[:, None]
-    c_even = tl.where(zero_block | (even >= n), 7, c_even)
-    c_odd = tl.where(zero_block | (even + 1 >= n), 7, c_odd)
+    c_odd = tl.where(even + 1 >= n, 7, c_odd)
     byte = ((c_even << 4) | c_odd).to(tl.uint8)
     tl.store(packed_ptr + rows[:, None] * (BLOCKSIZE // 2) + pair[None, :], byte, mask=even < n)

@@ -74,7 +74,8 @@ def _quantize_triton(x, blocksize):
     rows = max(1, kernels.QUANT_TILE // blocksize)
     mids = ref.midpoints(ref.nf4_code(x.device))
     kernels.nf4_quantize_kernel[(triton.cdiv(nblocks, rows),)](x, mids, packed, absmax, n, nblocks,
-                                                                BLOCKSIZE=blocksize, ROWS=rows)
+                                                                BLOCKSIZE=blocksize, ROWS=rows,
+                                                                num_warps=kernels.QUANT_NUM_WARPS)
     return packed, absmax
 
 

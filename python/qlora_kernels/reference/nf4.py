@@ -14,7 +14,10 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
-ZERO_CODE = 7                       # index of 0.0: the pad nibble and the code of all-zero blocks
+ZERO_CODE = 7                       # index of 0.0: the pad nibble
+# The reciprocal scale uses max(absmax, MIN_ABSMAX), as bitsandbytes: an all-zero block scales to 0 (code 7)
+# instead of NaN, and a subnormal block does not overflow to inf. The stored absmax is the true max.
+MIN_ABSMAX = 1e-38
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
@@ -38,9 +41,8 @@ def dynamic_map(device=None) -> torch.Tensor:
     values = [0.0, 1.0]
     for i in range(7):
         bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
-        scale = 10 ** (i - 6)
-        values += [scale * m for m in means] + [-scale * m for m in means]
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()  # fp32 products
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
@@ -56,9 +58,8 @@ def quantize_blocks(weight: torch.Tensor, blocksize: int):
     nblocks = -(-n // blocksize)
     blocks = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * (1.0 / absmax)[:, None]
-    codes = _codes_of(scaled, nf4_code(x.device))
-    codes = codes.masked_fill((absmax == 0)[:, None], ZERO_CODE).view(-1)[:n]
+    scaled = blocks * (1.0 / absmax.clamp(min=MIN_ABSMAX))[:, None]
+    codes = _codes_of(scaled, nf4_code(x.device)).view(-1)[:n]
     if n % 2:
         codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -75,8 +76,7 @@ def quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSI
     blocks = torch.nn.functional.pad(centered, (0, nblocks2 * nested_blocksize - n)).view(nblocks2, -1)
     absmax2 = blocks.abs().amax(dim=1)
     code2 = dynamic_map(absmax.device)
-    codes = _codes_of(blocks * (1.0 / absmax2)[:, None], code2)
-    codes = codes.masked_fill((absmax2 == 0)[:, None], int(code2.abs().argmin()))
+    codes = _codes_of(blocks * (1.0 / absmax2.clamp(min=MIN_ABSMAX))[:, None], code2)
     return codes.view(-1)[:n].to(torch.uint8), absmax2, code2, offset
 
 

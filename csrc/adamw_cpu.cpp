@@ -1,0 +1,244 @@
+// FusedAdamW on the CPU with OpenMP: one call updates every tensor of a param group (see
+// qlora_kernels/reference/adamw.py for the math it must match bit for bit in fp32).
+//
+// Work is cut into chunks of kChunk elements across all tensors and spread over the threads. The fp32
+// core is compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones picks one at load time), so
+// it vectorizes though setup.py builds with plain -O3. bf16/fp16 params go through fp32 scratch chunks.
+#pragma GCC optimize("no-math-errno")  // lets sqrt vectorize; results are unchanged
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define QK_MULTIVERSION
+#endif
+
+namespace qlora_kernels {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+
+struct Hyper {
+  float decay, one_minus_b1, one_minus_b2, beta2, eps, grad_scale;
+  bool amsgrad;
+};
+
+// p *= decay; m = fma(1-b1, g-m, m); v = fma((1-b2) g, g, v b2); p += (step_size m) / (sqrt(v)/bc2_sqrt + eps)
+QK_MULTIVERSION
+void adamw_core(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                float* __restrict vmax, int64_t n, Hyper h, float step_size, float bc2_sqrt) {
+  if (h.amsgrad) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i] * h.grad_scale;
+      const float pi = p[i] * h.decay;
+      const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
+      const float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
+      const float vm = std::isnan(vi) ? vi : std::max(vmax[i], vi);
+      m[i] = mi;
+      v[i] = vi;
+      vmax[i] = vm;
+      p[i] = pi + (step_size * mi) / (std::sqrt(vm) / bc2_sqrt + h.eps);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i] * h.grad_scale;
+      const float pi = p[i] * h.decay;
+      const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
+      const float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi + (step_size * mi) / (std::sqrt(vi) / bc2_sqrt + h.eps);
+    }
+  }
+}
+
+QK_MULTIVERSION
+void sumsq_core(const float* __restrict g, int64_t n, double* sumsq, double* bad) {
+  double s = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : s, b)
+  for (int64_t i = 0; i < n; ++i) {
+    s += static_cast<double>(g[i]) * static_cast<double>(g[i]);
+    b += std::isfinite(g[i]) ? 0.0 : 1.0;
+  }
+  *sumsq = s;
+  *bad = b;
+}
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+inline uint16_t bf16_stochastic(float x, uint64_t random) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if (std::isnan(x)) return 0x7FC0;
+  return static_cast<uint16_t>((bits + static_cast<uint32_t>(random & 0xFFFF)) >> 16);
+}
+
+template <typename T>
+void to_f32(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+struct Work {
+  int64_t tensor, start, len;
+};
+
+std::vector<Work> cut(const std::vector<torch::Tensor>& tensors) {
+  std::vector<Work> work;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t)
+    for (int64_t s = 0; s < tensors[t].numel(); s += kChunk)
+      work.push_back({t, s, std::min(kChunk, tensors[t].numel() - s)});
+  return work;
+}
+
+void check_list(const std::vector<torch::Tensor>& ts, size_t n, const char* name, torch::ScalarType dtype,
+                const std::vector<torch::Tensor>& like) {
+  TORCH_CHECK(ts.size() == n, "adamw_step_cpu: ", name, " has ", ts.size(), " tensors, expected ", n);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ts[i].device().is_cpu() && ts[i].is_contiguous() && ts[i].scalar_type() == dtype,
+                "adamw_step_cpu: ", name, "[", i, "] must be a contiguous CPU ", dtype, " tensor");
+    TORCH_CHECK(ts[i].numel() == like[i].numel(), "adamw_step_cpu: ", name, "[", i, "] size mismatch");
+  }
+}
+
+}  // namespace
+
+// fp64 tensor [sum of squares, number of non-finite values] over every gradient.
+torch::Tensor adamw_grad_stats_cpu(const std::vector<torch::Tensor>& grads) {
+  for (const auto& g : grads)
+    TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && !g.is_sparse(), "adamw_grad_stats_cpu: grads must be "
+                "contiguous dense CPU tensors");
+  const auto work = cut(grads);
+  std::vector<double> partial(2 * work.size());
+#pragma omp parallel
+  {
+    std::vector<float> scratch(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
+      const auto& job = work[w];
+      const auto& g = grads[job.tensor];
+      const float* src;
+      if (g.scalar_type() == torch::kFloat32) {
+        src = g.data_ptr<float>() + job.start;
+      } else if (g.scalar_type() == torch::kBFloat16) {
+        to_f32(g.data_ptr<at::BFloat16>() + job.start, scratch.data(), job.len);
+        src = scratch.data();
+      } else {
+        TORCH_CHECK(g.scalar_type() == torch::kFloat16, "adamw_grad_stats_cpu: unsupported dtype ", g.scalar_type());
+        to_f32(g.data_ptr<at::Half>() + job.start, scratch.data(), job.len);
+        src = scratch.data();
+      }
+      sumsq_core(src, job.len, &partial[2 * w], &partial[2 * w + 1]);
+    }
+  }
+  double sumsq = 0.0, bad = 0.0;
+  for (size_t w = 0; w < work.size(); ++w) {  // fixed order: deterministic
+    sumsq += partial[2 * w];
+    bad += partial[2 * w + 1];
+  }
+  auto out = torch::empty({2}, torch::TensorOptions().dtype(torch::kFloat64));
+  out[0] = sumsq;
+  out[1] = bad;
+  return out;
+}
+
+// One AdamW step over every tensor of a param group; `steps` (0-d fp32) are advanced first, as torch does.
+void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                    const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                    const std::vector<torch::Tensor>& max_exp_avg_sqs, const std::vector<torch::Tensor>& steps,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                    bool maximize, double grad_scale, bool stochastic_rounding, int64_t seed) {
+  const size_t n = params.size();
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(params[i].device().is_cpu() && params[i].is_contiguous(), "adamw_step_cpu: params[", i,
+                "] must be a contiguous CPU tensor");
+    const auto dt = params[i].scalar_type();
+    TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+                "adamw_step_cpu: params must be float32, bfloat16 or float16, got ", dt);
+  }
+  TORCH_CHECK(grads.size() == n, "adamw_step_cpu: grads has ", grads.size(), " tensors, expected ", n);
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].is_contiguous() && !grads[i].is_sparse() &&
+                    grads[i].scalar_type() == params[i].scalar_type() && grads[i].numel() == params[i].numel(),
+                "adamw_step_cpu: grads[", i, "] must be a dense contiguous CPU tensor like its param");
+  check_list(exp_avgs, n, "exp_avgs", torch::kFloat32, params);
+  check_list(exp_avg_sqs, n, "exp_avg_sqs", torch::kFloat32, params);
+  if (amsgrad) check_list(max_exp_avg_sqs, n, "max_exp_avg_sqs", torch::kFloat32, params);
+  TORCH_CHECK(steps.size() == n, "adamw_step_cpu: steps has ", steps.size(), " tensors, expected ", n);
+
+  Hyper h;
+  h.decay = static_cast<float>(1.0 - lr * weight_decay);
+  h.one_minus_b1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_b2 = static_cast<float>(1.0 - beta2);
+  h.beta2 = static_cast<float>(beta2);
+  h.eps = static_cast<float>(eps);
+  // maximize: -(g * scale) == g * (-scale) exactly
+  h.grad_scale = maximize ? -static_cast<float>(grad_scale) : static_cast<float>(grad_scale);
+  h.amsgrad = amsgrad;
+  std::vector<float> step_size(n), bc2_sqrt(n);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == torch::kFloat32 && steps[i].numel() == 1,
+                "adamw_step_cpu: steps[", i, "] must be a 0-d float32 CPU tensor");
+    float* s = steps[i].data_ptr<float>();
+    *s += 1.0f;
+    const double t = *s;
+    step_size[i] = static_cast<float>(-(lr / (1.0 - std::pow(beta1, t))));  // as torch: in double, then fp32
+    bc2_sqrt[i] = static_cast<float>(std::pow(1.0 - std::pow(beta2, t), 0.5));
+  }
+
+  const auto work = cut(params);
+#pragma omp parallel
+  {
+    std::vector<float> pbuf, gbuf;
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
+      const auto& job = work[w];
+      const auto t = job.tensor;
+      float* m = exp_avgs[t].data_ptr<float>() + job.start;
+      float* v = exp_avg_sqs[t].data_ptr<float>() + job.start;
+      float* vmax = amsgrad ? max_exp_avg_sqs[t].data_ptr<float>() + job.start : nullptr;
+      const auto dt = params[t].scalar_type();
+      if (dt == torch::kFloat32) {
+        adamw_core(params[t].data_ptr<float>() + job.start, grads[t].data_ptr<float>() + job.start, m, v, vmax,
+                   job.len, h, step_size[t], bc2_sqrt[t]);
+        continue;
+      }
+      pbuf.resize(kChunk);
+      gbuf.resize(kChunk);
+      if (dt == torch::kBFloat16) {
+        auto* p = params[t].data_ptr<at::BFloat16>() + job.start;
+        to_f32(p, pbuf.data(), job.len);
+        to_f32(grads[t].data_ptr<at::BFloat16>() + job.start, gbuf.data(), job.len);
+        adamw_core(pbuf.data(), gbuf.data(), m, v, vmax, job.len, h, step_size[t], bc2_sqrt[t]);
+        if (stochastic_rounding) {
+          const uint64_t stream = mix64(static_cast<uint64_t>(seed) * 0x100000001B3ull + static_cast<uint64_t>(t));
+          for (int64_t i = 0; i < job.len; ++i) {
+            const uint16_t bits = bf16_stochastic(pbuf[i], mix64(stream ^ static_cast<uint64_t>(job.start + i)));
+            std::memcpy(p + i, &bits, 2);
+          }
+        } else {
+          for (int64_t i = 0; i < job.len; ++i) p[i] = at::BFloat16(pbuf[i]);  // round to nearest even
+        }
+      } else {
+        auto* p = params[t].data_ptr<at::Half>() + job.start;
+        to_f32(p, pbuf.data(), job.len);
+        to_f32(grads[t].data_ptr<at::Half>() + job.start, gbuf.data(), job.len);
+        adamw_core(pbuf.data(), gbuf.data(), m, v, vmax, job.len, h, step_size[t], bc2_sqrt[t]);
+        for (int64_t i = 0; i < job.len; ++i) p[i] = at::Half(pbuf[i]);
+      }
+    }
+  }
+}
+
+}  // namespace qlora_kernels
