@@ -9,13 +9,11 @@
 namespace qlora_kernels {
 namespace {
 
-// Nearest NF4 code of a scaled value: the number of midpoints strictly below it (ties go down).
-inline uint8_t nf4_code_of(float scaled, const float* midpoints) {
-  uint8_t code = 0;
-  for (int k = 0; k < 15; ++k) code += scaled > midpoints[k];
-  return code;
-}
+constexpr int64_t kMaxBlocksize = 4096;
 
+// absmax[b] = max |x| over the block (NaN when the block holds a NaN, so callers can reject it);
+// code = the number of midpoints strictly below x / absmax (nearest code, ties go down). Loops are laid out
+// so the compiler vectorizes them: one pass per midpoint over the whole block.
 template <typename T>
 void quantize_blocks(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
   float midpoints[15];
@@ -23,16 +21,28 @@ void quantize_blocks(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, 
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
+    alignas(64) float scaled[kMaxBlocksize];
+    alignas(64) uint8_t codes[kMaxBlocksize];
+    const int64_t start = b * blocksize, len = std::min(n, start + blocksize) - start;
     float amax = 0.0f;
-    for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
-    absmax[b] = amax;
-    const float inv = 1.0f / std::max(amax, kMinAbsmax);
-    for (int64_t i = start; i < end; i += 2) {  // start is even: blocksize is
-      const uint8_t hi = nf4_code_of(static_cast<float>(x[i]) * inv, midpoints);
-      const uint8_t lo = i + 1 < end ? nf4_code_of(static_cast<float>(x[i + 1]) * inv, midpoints) : kNF4Zero;
-      packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+    bool has_nan = false;
+    for (int64_t i = 0; i < len; ++i) {
+      scaled[i] = static_cast<float>(x[start + i]);
+      const float a = std::fabs(scaled[i]);
+      amax = a > amax ? a : amax;
+      has_nan |= a != a;
     }
+    absmax[b] = has_nan ? NAN : amax;
+    const float inv = 1.0f / std::max(amax, kMinAbsmax);
+    for (int64_t i = 0; i < len; ++i) {
+      scaled[i] *= inv;
+      codes[i] = 0;
+    }
+    for (int k = 0; k < 15; ++k)
+      for (int64_t i = 0; i < len; ++i) codes[i] += scaled[i] > midpoints[k];
+    if (len % 2) codes[len] = kNF4Zero;  // only the last block of an odd-sized tensor
+    for (int64_t j = 0; j < (len + 1) / 2; ++j)
+      packed[start / 2 + j] = static_cast<uint8_t>((codes[2 * j] << 4) | codes[2 * j + 1]);
   }
 }
 
@@ -51,7 +61,8 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, in
 
 std::vector<torch::Tensor> nf4_quantize(const torch::Tensor& x, int64_t blocksize) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "nf4_quantize: x must be a contiguous CPU tensor");
-  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "nf4_quantize: blocksize must be even");
+  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0 && blocksize <= kMaxBlocksize,
+              "nf4_quantize: blocksize must be even and at most ", kMaxBlocksize);
   const int64_t n = x.numel();
   auto packed = torch::empty({(n + 1) / 2}, x.options().dtype(torch::kUInt8));
   auto absmax = torch::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(torch::kFloat32));

@@ -32,11 +32,13 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
   const int64_t end = min(n, start + blocksize);
   float amax = 0.0f;
-  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) amax = fmaxf(amax, fabsf(to_float(x[i])));
+  // a NaN is kept (unlike fmaxf) so the caller can reject the input from absmax alone
+  auto nan_max = [](float a, float b) { return (b > a || b != b) ? b : a; };
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) amax = nan_max(amax, fabsf(to_float(x[i])));
   partial[threadIdx.x] = amax;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + stride]);
+    if (threadIdx.x < stride) partial[threadIdx.x] = nan_max(partial[threadIdx.x], partial[threadIdx.x + stride]);
     __syncthreads();
   }
   amax = partial[0];

@@ -8,7 +8,7 @@ DEQUANT_BLOCK_BYTES = 2048
 DEQUANT_NUM_WARPS = 4
 # Elements per quantize program (whole scale blocks; ROWS = QUANT_TILE // blocksize, at least 1).
 QUANT_TILE = 4096
-QUANT_NUM_WARPS = 8  # 4 warps spill (8-byte stack) at BLOCKSIZE=4096 on sm_80
+QUANT_NUM_WARPS = 16  # 8 elements per thread; 8 warps spill around the div.rn call at BLOCKSIZE=4096 on sm_80
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def nf4_dequantize_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset
 @triton.jit
 def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks,
                         BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr):
-    """Quantize ROWS scale blocks of BLOCKSIZE elements per program: absmax (fp32) and packed codes.
+    """Quantize ROWS scale blocks of BLOCKSIZE elements per program: absmax (fp32, NaN if the block has one)
+    and packed codes.
 
     code = number of NF4 midpoints strictly below x * (1 / max(absmax, 1e-38)); 7 (0.0) for padding.
     """
@@ -69,7 +70,11 @@ def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks
     x_even = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
+    # a NaN anywhere in the block makes its absmax NaN, so the launcher can reject the input
+    has_nan = tl.max(((x_even != x_even) | (x_odd != x_odd)).to(tl.int32), axis=1) > 0
+    absmax = tl.where(has_nan, float("nan"), absmax)
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
+    # IEEE division (div.rn), as bitsandbytes and the C++ path: "/" would lower to the 2-ulp div.full
     inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.maximum(absmax, 1e-38))[:, None]
     s_even = x_even * inv
     s_odd = x_odd * inv

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -76,14 +77,27 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
     finally:
         os.remove(cubin_path)
     fields = dict(tok.split(":", 1) for tok in usage.split() if ":" in tok and tok.split(":", 1)[1].isdigit())
+    # STACK alone may be a call frame (e.g. the slow path of an IEEE division); ptxas -v tells spills apart
+    ptx_path = cubin_path[:-len(".cubin")] + ".ptx"
+    with open(ptx_path, "w") as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        # triton 3.9 ships an older `ptxas` beside `ptxas-blackwell`; only the newer reads its PTX version
+        ptxas = next(p for p in (os.path.join(tool_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
+        verbose = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}",
+                                  ptx_path, "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    finally:
+        os.remove(ptx_path)
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", verbose))
     return {"label": case.label(), "arch": arch, "registers": int(fields.get("REG", -1)),
-            "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
+            "spill_bytes": spills, "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
             "shared": int(compiled.metadata.shared),
             "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")}
 
 
 def compile_for_gpu(cases, archs=(80, 90)) -> list:
-    """Compile every case for every arch; a list of resource reports (dicts).
+    """Compile every case for every arch; a list of resource reports (dicts): registers, spill_bytes (ptxas
+    spill stores + loads), stack, local, shared (bytes), hgmma / hmma (tensor-core instructions in the SASS).
 
     Under TRITON_INTERPRET=1 the kernels in this process are interpreted objects, so the compile runs
     in a child process without it.
