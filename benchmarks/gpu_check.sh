@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one GPU run (../shared/notes/gpu-method.md): build the package (CUDA part included), run the tests on
+# CUDA, then every benchmarks/bench_*.py with the peers in the same process. Tables and JSON go to $OUT
+# (default benchmarks/results/), the log to $OUT/gpu_check.log; the markdown tables print last.
+# Usage, from the repository root on the GPU machine (no network): bash ../shared/tools/peer-wheels.sh here
+# first, carry .whl/, then:  OUT=/some/dir bash benchmarks/gpu_check.sh
+set -uo pipefail
+export OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONDONTWRITEBYTECODE=1
+stage() { echo "== $(date +%T) $*"; }
+{
+  stage card
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    stage "peer wheels"
+    python -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl
+    export PYTHONPATH="$HOME/site:${PYTHONPATH:-}"
+  fi
+  python -c "import bitsandbytes, liger_kernel; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+  stage "build (sm_90 only)"
+  QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q --no-build-isolation --no-deps -e . \
+    || echo "BUILD FAILED"
+  python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"
+  stage "tests on CUDA"
+  timeout 110 python -m pytest tests -q -x -m "not slow" -p no:cacheprovider 2>&1 | tail -25
+  for bench in benchmarks/bench_*.py; do
+    stage "$bench"
+    timeout "${BENCH_TIMEOUT:-75}" python -m "benchmarks.$(basename "$bench" .py)" --out "$OUT" > "$OUT/$(basename "$bench" .py).log" 2>&1 \
+      || { echo "FAILED or timed out:"; tail -5 "$OUT/$(basename "$bench" .py).log"; }
+  done
+  stage done
+} 2>&1 | tee "$OUT/gpu_check.log"
+cat "$OUT"/bench_*.md 2>/dev/null
