@@ -16,7 +16,7 @@ stage() { echo "== $(date +%T) $*"; }
   if ls .whl/*.whl >/dev/null 2>&1; then
     stage "peer wheels"
     python -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl
-    export PYTHONPATH="$HOME/site:${PYTHONPATH:-}"
+    export PYTHONPATH="$HOME/site:${PYTHONPATH:-}" PATH="$HOME/site/bin:$PATH"  # bin/: ninja, when carried
   fi
   python -c "import bitsandbytes, liger_kernel; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
   stage "build (sm_90 only)"
