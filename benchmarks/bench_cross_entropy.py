@@ -1,0 +1,189 @@
+"""Cross-entropy (forward + backward) and label-sparse linear cross-entropy against PyTorch eager,
+torch.compile, Liger and torch.nn.functional.linear_cross_entropy (where the torch has it).
+
+Shapes (../shared/notes/workload.md): tokens {4096, 32768}, V = 128256, bf16, 100 % and 4 % labelled;
+the linear variant at H = 3072 with a frozen head. `--quick` runs a tiny CPU shape.
+Bytes counted for cross-entropy: the labelled rows' logits read once + the gradient written once
+((labelled + N) * V * 2). FLOPs counted for the linear variant: the two GEMMs over labelled rows
+(4 * labelled * H * V); the "cublas-2gemm" row times those two GEMMs over all rows with torch.matmul.
+"""
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+
+COMPILE_BUDGET_S = 45.0
+
+
+def _labels(n, V, frac, device):
+    y = torch.randint(0, V, (n,), device=device)
+    y[torch.randperm(n, device=device)[round(frac * n):]] = -100
+    return y
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+        return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except Exception:  # noqa: BLE001 - a missing or broken peer is reported as absent
+        return None, None
+
+
+def _measure(fn):
+    """(median ms, peak extra MB) or (None, None) when it runs out of memory."""
+    try:
+        ms = harness.time_ms(fn)
+        mem = harness.peak_memory_mb(fn)
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return ms, mem
+
+
+def _ce_providers(N, V, frac, dev, dtype, compiled):
+    logits = (torch.randn(N, V, device=dev) * 2).to(dtype).requires_grad_()
+    labels = _labels(N, V, frac, dev)
+    LigerCE, _ = _liger()
+    liger = LigerCE() if LigerCE is not None else None
+
+    # every provider drops the previous .grad first, so no one pays for gradient accumulation
+    def ours():
+        logits.grad = None
+        fused_cross_entropy(logits, labels).backward()
+
+    def ours_inplace():   # the gradient written over a scratch copy of the logits (as Liger does)
+        scratch.grad = None
+        fused_cross_entropy(scratch, labels, inplace_backward=True).backward()
+
+    def eager():
+        logits.grad = None
+        F.cross_entropy(logits.float(), labels).backward()
+
+    def compiled_fn():
+        logits.grad = None
+        compiled(logits, labels).backward()
+
+    def liger_fn():
+        scratch.grad = None
+        liger(scratch, labels).backward()
+
+    scratch = logits.detach().clone().requires_grad_()
+    out = [("ours", ours), ("ours-inplace", ours_inplace), ("torch-eager", eager)]
+    if compiled is not None:
+        out.append(("torch-compile", compiled_fn))
+    if LigerCE is not None:
+        out.append(("liger", liger_fn))
+    return out, logits, labels
+
+
+def bench_ce(rows, args, dev, dtype, shapes, V):
+    compiled, compile_s = None, None
+    if dev == "cuda":
+        fn = torch.compile(lambda x, y: F.cross_entropy(x.float(), y), dynamic=False)
+        start = time.perf_counter()
+        try:
+            x = torch.randn(64, V, device=dev, dtype=dtype, requires_grad=True)
+            fn(x, torch.randint(0, V, (64,), device=dev)).backward()
+            compile_s = time.perf_counter() - start
+            compiled = fn if compile_s < COMPILE_BUDGET_S else None
+        except Exception as err:  # noqa: BLE001
+            print(f"torch.compile skipped: {err}")
+    bw = harness.copy_bandwidth_gbs()
+    for N in shapes:
+        for frac in (1.0, 0.04):
+            providers, logits, labels = _ce_providers(N, V, frac, dev, dtype, compiled)
+            n_lab = round(frac * N)
+            nbytes = (n_lab + N) * V * logits.element_size()
+            for name, fn in providers:
+                ms, mem = _measure(fn)
+                gbs = None if ms is None else nbytes / ms / 1e6
+                rows.append({"op": "cross_entropy", "tokens": N, "V": V, "labelled": frac, "provider": name,
+                             "ms": ms, "GB/s": gbs, "of_copy_bw": None if gbs is None or bw is None else gbs / bw,
+                             "floor_ms": None if bw is None else nbytes / bw / 1e6, "peak_MB": mem})
+            if dev == "cuda" and N == shapes[-1] and frac == 1.0:   # configs of our kernel, one run
+                for bv, warps, mode in ((8192, 8, "fused"), (4096, 4, "fused"), (8192, 8, "split"),
+                                        (2048, 4, "split"), (32768, 32, "row"), (16384, 16, "row"),
+                                        (8192, 8, "row"), (8192, 16, "row")):
+                    env = {"QLORA_KERNELS_CE_BLOCK_V": str(bv), "QLORA_KERNELS_CE_WARPS": str(warps),
+                           "QLORA_KERNELS_CE_MODE": mode}
+                    old = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    ms, _ = _measure(providers[0][1])
+                    for k, v in old.items():
+                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                    rows.append({"op": "cross_entropy", "tokens": N, "V": V, "labelled": frac,
+                                 "provider": f"ours[{mode},bv={bv},w={warps}]", "ms": ms,
+                                 "GB/s": None if ms is None else nbytes / ms / 1e6})
+            del providers, logits, labels
+    return compile_s
+
+
+def bench_linear(rows, args, dev, dtype, shapes, V, H):
+    _, LigerFLCE = _liger()
+    for N in shapes:
+        for frac in (1.0, 0.04):
+            h = (torch.randn(N, H, device=dev) / 4).to(dtype).requires_grad_()
+            w = (torch.randn(V, H, device=dev) / H ** 0.5).to(dtype)            # frozen head
+            labels = _labels(N, V, frac, dev)
+            n_lab = round(frac * N)
+            flops = 4.0 * n_lab * H * V
+            def ours():
+                h.grad = None
+                fused_linear_cross_entropy(h, w, labels).backward()
+
+            def liger_fn():
+                h.grad = None
+                liger(w, h, labels).backward()
+
+            def eager():
+                h.grad = None
+                F.cross_entropy(F.linear(h, w).float(), labels).backward()
+
+            providers = [("ours", ours)]
+            if dev == "cuda":
+                g = torch.randn(N, V, device=dev, dtype=dtype) if N * V * 2 < 12e9 else None
+                if g is not None and frac == 1.0:
+                    providers.append(("cublas-2gemm", lambda: (h @ w.t(), g @ w)))
+                providers.append(("torch-eager", eager))
+                if hasattr(F, "linear_cross_entropy"):
+                    providers.append(("torch-linear_cross_entropy",
+                                      lambda: F.linear_cross_entropy(h, w, labels).backward()))
+                if LigerFLCE is not None:
+                    liger = LigerFLCE()
+                    providers.append(("liger", liger_fn))
+            for name, fn in providers:
+                ms, mem = _measure(fn)
+                tf = None if ms is None else flops / ms / 1e9
+                rows.append({"op": "linear_cross_entropy", "tokens": N, "H": H, "V": V, "labelled": frac,
+                             "provider": name, "ms": ms, "TFLOP/s": tf,
+                             "of_bf16_peak": None if tf is None else tf / harness.BF16_DENSE_TFLOPS, "peak_MB": mem})
+            del providers, h, w, labels
+            g = None
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+
+
+def main():
+    args = harness.parse_args(__doc__)
+    dev = harness.device()
+    rows = []
+    if args.quick or dev == "cpu":
+        bench_ce(rows, args, "cpu", torch.float32, (64,), 4096)
+        bench_linear(rows, args, "cpu", torch.float32, (256,), 4096, 256)
+        notes = "quick CPU smoke run (chunked PyTorch path)"
+    else:
+        compile_s = bench_ce(rows, args, dev, torch.bfloat16, (4096, 32768), 128256)
+        bench_linear(rows, args, dev, torch.bfloat16, (4096, 32768), 128256, 3072)
+        notes = f"torch.compile first-call time {compile_s and round(compile_s, 1)} s (skipped above " \
+                f"{COMPILE_BUDGET_S:.0f} s); peers run in the same process"
+    harness.write_results("cross_entropy", rows, args, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Triton kernels: cross-entropy over a large vocabulary (online softmax split across programs), and the
+row-bounded GEMM the label-sparse linear cross-entropy runs on compacted rows.
+
+Per row, with z = softcap * tanh(x / softcap) (or z = x), lse = logsumexp(z), eps = label smoothing:
+    loss = lse - (1 - eps) * z[y] - eps / V * sum(z) + z_loss * lse**2
+    dloss/dz_j = p_j * (1 + 2 * z_loss * lse) - (1 - eps) * [j == y] - eps / V,   p = softmax(z)
+    dz/dx = 1 - (z / softcap)**2
+A row is split into NCHUNK chunks of BLOCK_V columns, one program each (program id = row * NCHUNK +
+chunk). Each chunk writes its partial max, sum of exp, sum of z and z[y]; the row's lse is their
+combination. The label is never used as an index, so an out-of-range label reads nothing out of bounds.
+"""
+import triton
+import triton.language as tl
+
+# GPU configs (H100 sweep in benchmarks/NOTES.md). Split path: 4096 columns per program, 4 warps.
+# Fused path (ce_fused_kernel): the chunk stays in registers across a per-row barrier.
+# Row path (ce_row_kernel): one program per row looping over ROW_BLOCK_V columns.
+CE_MODE = "split"
+CE_BLOCK_V = 4096
+CE_NUM_WARPS = 4
+CE_ROW_BLOCK_V = 8192
+CE_ROW_NUM_WARPS = 16
+CE_COMBINE_ROWS = 64
+SCALE_BLOCK = 8192
+# Row-bounded GEMM by compute-capability major: Hopper 128 x 256 x 64 bf16 tiles (wgmma, accumulator
+# 128 fp32 registers per thread over 8 warps), 3 stages (144 KB shared); Ampere 128 x 128 x 64 (the
+# 256-wide tile spills with mma.sync), 4 stages (128 KB).
+MM_CONFIGS = {9: dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+              8: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)}
+# The input-gradient GEMM (chunk rows x H, reduction over V) has few output tiles (512 x 3072 is 48
+# tiles of 128 x 256 for 132 SMs): 64 x 128 tiles make 192.
+MM_DGRAD_CONFIGS = {9: dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
+                    8: dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)}
+# The accumulating weight-gradient GEMM also holds the loaded fp32 C tile: 128 x 128 on both.
+MM_ACC_CONFIGS = {9: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                  8: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)}
+# Under the interpreter cost follows the number of programs: big tiles.
+MM_INTERPRET_CONFIG = dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _softcap(x, softcap):
+    # softcap * tanh(x / softcap), tanh(u) = 2 * sigmoid(2u) - 1 (libdevice tanh is unavailable in the
+    # interpreter)
+    return softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+
+
+@triton.jit
+def _load_z(logits_ptr, row_off, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    # row_off is an int64 scalar, cols int32 (V < 2**31): 64-bit index vectors would double the registers
+    x = tl.load(logits_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = _softcap(x, softcap)
+    return x
+
+
+@triton.jit
+def _chunk_stats(z, cols, mask, y):
+    zm = tl.where(mask, z, float("-inf"))
+    m = tl.max(zm, 0)
+    s = tl.sum(tl.exp(zm - m), 0)
+    sz = tl.sum(tl.where(mask, z, 0.0), 0)
+    zy = tl.sum(tl.where(cols == y, z, 0.0), 0)
+    return m, s, sz, zy
+
+
+@triton.jit
+def _store_partials(part_ptr, idx, n_part, m, s, sz, zy):
+    # part is (4, n_rows * NCHUNK) fp32: max, sum of exp, sum of z, z[label]
+    p = part_ptr + idx
+    tl.store(p, m)
+    tl.store(p + n_part, s)
+    tl.store(p + n_part + n_part, sz)
+    tl.store(p + n_part + n_part + n_part, zy)
+
+
+@triton.jit
+def _chunk_grad(z, cols, y, lse, scale, smoothing, z_loss, V, softcap, HAS_SOFTCAP: tl.constexpr):
+    p = tl.exp(z - lse)
+    g = p * (1.0 + 2.0 * z_loss * lse) - smoothing / V - tl.where(cols == y, 1.0 - smoothing, 0.0)
+    g = g * scale
+    if HAS_SOFTCAP:
+        t = z / softcap
+        g = g * (1.0 - t * t)
+    return g
+
+
+@triton.jit
+def _row_scale(gscale_ptr, gscale_stride, count_ptr, row, HAS_GSCALE: tl.constexpr, MEAN: tl.constexpr):
+    scale = 1.0
+    if HAS_GSCALE:
+        scale = tl.load(gscale_ptr + row * gscale_stride).to(tl.float32)
+    if MEAN:
+        scale = scale / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+    return scale
+
+
+@triton.jit
+def _row_loss(lse, sz, zy, y, V, smoothing, z_loss):
+    loss = lse - (1.0 - smoothing) * zy - smoothing / V * sz + z_loss * lse * lse
+    bad = (y < 0) | (y >= V)  # a label outside [0, V) that is not ignore_index: NaN, never a read
+    return tl.where(bad, float("nan"), loss)
+
+
+@triton.jit
+def ce_stats_kernel(logits_ptr, labels_ptr, part_ptr, n_rows, V, stride_row, ignore_index, softcap,
+                    NCHUNK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Partial statistics of one chunk of one row (nothing for ignored rows)."""
+    pid = tl.program_id(0)
+    row = pid // NCHUNK
+    chunk = pid % NCHUNK
+    y = tl.load(labels_ptr + row)
+    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
+    if y != ignore_index:
+        cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
+        m, s, sz, zy = _chunk_stats(z, cols, mask, y32)
+        _store_partials(part_ptr, pid.to(tl.int64), n_rows * NCHUNK, m, s, sz, zy)
+
+
+@triton.jit
+def ce_combine_kernel(labels_ptr, part_ptr, loss_ptr, lse_ptr, n_rows, V, ignore_index, smoothing, z_loss,
+                      NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per row: lse and loss from the chunk partials; 0 and 0 for ignored rows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+    valid = rmask & (y != ignore_index)
+    c = tl.arange(0, NCHUNK_P2)
+    idx = rows[:, None] * NCHUNK + c[None, :]
+    pmask = valid[:, None] & (c[None, :] < NCHUNK)
+    n_part = n_rows * NCHUNK
+    m = tl.load(part_ptr + idx, mask=pmask, other=float("-inf"))
+    s = tl.load(part_ptr + n_part + idx, mask=pmask, other=0.0)
+    sz = tl.sum(tl.load(part_ptr + 2 * n_part + idx, mask=pmask, other=0.0), 1)
+    zy = tl.sum(tl.load(part_ptr + 3 * n_part + idx, mask=pmask, other=0.0), 1)
+    mx = tl.max(m, 1)
+    mx = tl.where(valid, mx, 0.0)
+    lse = mx + tl.log(tl.where(valid, tl.sum(s * tl.exp(m - mx[:, None]), 1), 1.0))
+    loss = _row_loss(lse, sz, zy, y, V, smoothing, z_loss)
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=rmask)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=rmask)
+
+
+@triton.jit
+def ce_grad_kernel(logits_ptr, labels_ptr, lse_ptr, grad_ptr, gscale_ptr, gscale_stride, count_ptr, V,
+                   stride_row, grad_stride_row, ignore_index, smoothing, z_loss, softcap,
+                   NCHUNK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_GSCALE: tl.constexpr, MEAN: tl.constexpr, WRITE_IGNORED: tl.constexpr):
+    """Gradient of one chunk of one row from the row's lse (zeros for ignored rows if WRITE_IGNORED).
+    grad_ptr may equal logits_ptr (in place)."""
+    pid = tl.program_id(0)
+    row = pid // NCHUNK
+    chunk = pid % NCHUNK
+    y = tl.load(labels_ptr + row)
+    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
+    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    if y != ignore_index:
+        z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
+        scale = _row_scale(gscale_ptr, gscale_stride, count_ptr, row, HAS_GSCALE, MEAN)
+        g = _chunk_grad(z, cols, y32, tl.load(lse_ptr + row), scale, smoothing, z_loss, V, softcap, HAS_SOFTCAP)
+        tl.store(grad_ptr + row.to(tl.int64) * grad_stride_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    elif WRITE_IGNORED:
+        tl.store(grad_ptr + row.to(tl.int64) * grad_stride_row + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def ce_fused_kernel(logits_ptr, labels_ptr, grad_ptr, part_ptr, counter_ptr, loss_ptr, lse_ptr, count_ptr,
+                    n_rows, V, stride_row, grad_stride_row, ignore_index, smoothing, z_loss, softcap,
+                    NCHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, BLOCK_V: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, WRITE_IGNORED: tl.constexpr):
+    """GPU only: loss, lse and gradient reading the logits once. The chunk stays in registers while the
+    NCHUNK programs of a row meet at a per-row arrival counter (zeroed by the caller); they have
+    consecutive program ids, so they are resident together (blocks are dispatched in order). Under the
+    interpreter programs run one after another and this would wait forever: use the three-kernel path.
+    grad_ptr may equal logits_ptr (in place)."""
+    pid = tl.program_id(0)
+    row = pid // NCHUNK
+    chunk = pid % NCHUNK
+    y = tl.load(labels_ptr + row)
+    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
+    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    n_part = n_rows * NCHUNK
+    if y != ignore_index:
+        z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
+        m, s, sz, zy = _chunk_stats(z, cols, mask, y32)
+        _store_partials(part_ptr, pid.to(tl.int64), n_part, m, s, sz, zy)
+        arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
+        while arrived < NCHUNK:
+            arrived = tl.atomic_add(counter_ptr + row, 0, sem="acquire", scope="gpu")
+        c = tl.arange(0, NCHUNK_P2)
+        cm = c < NCHUNK
+        pidx = row.to(tl.int64) * NCHUNK + c
+        ms = tl.load(part_ptr + pidx, mask=cm, other=float("-inf"), cache_modifier=".cg")
+        ss = tl.load(part_ptr + n_part + pidx, mask=cm, other=0.0, cache_modifier=".cg")
+        mx = tl.max(ms, 0)
+        lse = mx + tl.log(tl.sum(ss * tl.exp(ms - mx), 0))
+        if chunk == 0:
+            szs = tl.sum(tl.load(part_ptr + 2 * n_part + pidx, mask=cm, other=0.0, cache_modifier=".cg"), 0)
+            zys = tl.sum(tl.load(part_ptr + 3 * n_part + pidx, mask=cm, other=0.0, cache_modifier=".cg"), 0)
+            tl.store(loss_ptr + row, _row_loss(lse, szs, zys, y, V, smoothing, z_loss))
+            tl.store(lse_ptr + row, lse)
+        scale = _row_scale(count_ptr, 0, count_ptr, row, False, MEAN)
+        g = _chunk_grad(z, cols, y32, lse, scale, smoothing, z_loss, V, softcap, HAS_SOFTCAP)
+        tl.store(grad_ptr + row.to(tl.int64) * grad_stride_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        if chunk == 0:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+        if WRITE_IGNORED:
+            tl.store(grad_ptr + row.to(tl.int64) * grad_stride_row + cols,
+                     tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_row_kernel(logits_ptr, labels_ptr, grad_ptr, loss_ptr, lse_ptr, count_ptr, V, stride_row, grad_stride_row,
+                  ignore_index, smoothing, z_loss, softcap, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, WRITE_IGNORED: tl.constexpr):
+    """One program per row, two passes over it: online statistics, then (COMPUTE_GRAD) the gradient.
+    The second pass re-reads the row while it is still in L2 (one row per program in flight), so HBM
+    sees about one read and one write. grad_ptr may equal logits_ptr (in place)."""
+    row = tl.program_id(0)
+    y = tl.load(labels_ptr + row)
+    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
+    row_off = row.to(tl.int64) * stride_row
+    grad_off = row.to(tl.int64) * grad_stride_row
+    base = tl.arange(0, BLOCK_V)
+    if y != ignore_index:
+        m = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), 0)
+        s = tl.sum(tl.zeros((BLOCK_V,), tl.float32), 0)
+        sz = s
+        zy = s
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + base
+            mask = cols < V
+            z = _load_z(logits_ptr, row_off, cols, mask, softcap, HAS_SOFTCAP)
+            cm, cs, csz, czy = _chunk_stats(z, cols, mask, y32)
+            new_m = tl.maximum(m, cm)
+            s = s * tl.exp(m - new_m) + cs * tl.exp(cm - new_m)
+            m = new_m
+            sz += csz
+            zy += czy
+        lse = m + tl.log(s)
+        tl.store(loss_ptr + row, _row_loss(lse, sz, zy, y, V, smoothing, z_loss))
+        tl.store(lse_ptr + row, lse)
+        if COMPUTE_GRAD:
+            scale = _row_scale(count_ptr, 0, count_ptr, row, False, MEAN)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + base
+                mask = cols < V
+                z = _load_z(logits_ptr, row_off, cols, mask, softcap, HAS_SOFTCAP)
+                g = _chunk_grad(z, cols, y32, lse, scale, smoothing, z_loss, V, softcap, HAS_SOFTCAP)
+                tl.store(grad_ptr + grad_off + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if COMPUTE_GRAD and WRITE_IGNORED:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + base
+                tl.store(grad_ptr + grad_off + cols, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """x *= g (a device scalar) in place; every program returns at once when g == 1 (a plain
+    loss.backward()), so the common case costs one launch and no traffic."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def colsum_kernel(x_ptr, out_ptr, limit_ptr, limit_offset, n_rows, n_cols, stride_row,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c] += sum of x[r, c] over r < min(n_rows, *limit_ptr - limit_offset) (fp32 out)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < n_cols
+    rows_end = tl.minimum(n_rows, tl.load(limit_ptr).to(tl.int64) - limit_offset)
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, rows_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        x = tl.load(x_ptr + r[:, None] * stride_row + cols[None, :], mask=(r[:, None] < rows_end) & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x, 0)
+    tl.store(out_ptr + cols, tl.load(out_ptr + cols, mask=cmask, other=0.0) + acc, mask=cmask)
+
+
+@triton.jit
+def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset, M, N, K,
+                          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                          LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """C (+)= A @ B (+ bias[n]) with fp32 accumulation, where the rows (LIMIT_M) or the reduction
+    (LIMIT_K) stop at *limit_ptr - limit_offset, read on the device. Persistent: each program loops over
+    the output tiles that exist below that bound (none for a chunk past the last labelled row), so a GEMM
+    over a buffer of N compacted rows costs only the rows that exist, with no host sync. Strides give the
+    transposes. UPCAST: fp32 operands for tl.dot (the interpreter's bf16 dot is broken)."""
+    limit = tl.load(limit_ptr).to(tl.int64) - limit_offset
+    m_end = M
+    k_end = K
+    if LIMIT_M:
+        m_end = tl.maximum(tl.minimum(M, limit), 0).to(tl.int32)
+    if LIMIT_K:
+        k_end = tl.maximum(tl.minimum(K, limit), 0).to(tl.int32)   # an empty reduction leaves C untouched
+    num_m = tl.cdiv(m_end, BM)
+    num_n = tl.cdiv(N, BN)
+    tiles = num_m * num_n
+    if LIMIT_K:
+        tiles = tl.where(k_end > 0, tiles, 0)
+    group = GROUP_M * num_n
+    rk = tl.arange(0, BK)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        first_m = (tile // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group) % size_m
+        pid_n = (tile % group) // size_m
+        # rows and columns wrap (% M, % N) instead of masking the loads: what they read is never stored
+        rm = (pid_m.to(tl.int64) * BM + tl.arange(0, BM)) % M
+        rn = (pid_n.to(tl.int64) * BN + tl.arange(0, BN)) % N
+        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, k_end, BK):
+            a = tl.load(a_ptrs, mask=k0 + rk[None, :] < k_end, other=0.0)
+            b = tl.load(b_ptrs, mask=k0 + rk[:, None] < k_end, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BK * stride_ak
+            b_ptrs += BK * stride_bk
+        rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+        rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+        cmask = (rm[:, None] < m_end) & (rn[None, :] < N)
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)

@@ -1,0 +1,554 @@
+"""Fused cross-entropy and label-sparse fused linear cross-entropy: checks, launchers, torch.library
+custom ops, autograd Functions and the functional entry points.
+
+Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a chunked plain-PyTorch
+path for other CPU tensors ("cpu" / "reference"). The CUDA path never synchronizes with the host: the
+number of counted tokens stays a device tensor that the kernels read.
+"""
+import os
+
+import torch
+import triton
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import cross_entropy as kernels
+from qlora_kernels.reference import cross_entropy as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_CHUNK_BYTES = 128 << 20   # logits per chunk of the linear variant
+CPU_CHUNK_BYTES = 64 << 20        # fp32 temporaries per chunk of the CPU cross-entropy
+INTERPRET_BLOCK_V = 32768
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    if reduction not in ref.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {ref.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def _check_labels(labels, lead_shape, V, ignore_index, name="logits"):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of {name} "
+                         f"{tuple(lead_shape)}")
+    # free on CPU (skipped while torch.compile traces); on CUDA a bad label gives a NaN loss, never a bad read
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            first = int(bad.flatten().nonzero()[0])
+            raise ValueError(f"labels must be in [0, {V}) or ignore_index={ignore_index}; "
+                             f"got {int(labels.flatten()[first])} at flat index {first}")
+
+
+def _check_logits(logits, labels, ignore_index):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be (N, V) or (B, T, V) with V > 0, got shape {tuple(logits.shape)}")
+    _backend.check_same_device(logits=logits, labels=labels)
+    _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+
+
+def _softcap_value(softcap):
+    return 0.0 if softcap is None else float(softcap)
+
+
+def _cpu_backend(backend):
+    return backend in ("cpu", "reference")
+
+
+def _ce_mode():
+    """"split" (stats, combine, grad kernels), "fused" (one kernel, per-row barrier; GPU only) or "row"
+    (one program per row, two passes); QLORA_KERNELS_CE_MODE overrides (benchmark sweeps)."""
+    mode = os.environ.get("QLORA_KERNELS_CE_MODE", kernels.CE_MODE)
+    return "split" if mode == "fused" and _backend.interpreting() else mode
+
+
+def _block_v(V, block_v):
+    if block_v:
+        return block_v
+    cap = INTERPRET_BLOCK_V if _backend.interpreting() else \
+        int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_BLOCK_V))   # env: benchmark sweeps
+    return min(cap, triton.next_power_of_2(V))
+
+
+# ------------------------------------------------------------------------------------ Triton launchers
+def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoothing, z_loss, softcap, mean,
+               write_ignored, block_v=0):
+    """Per-row loss and lse of x (rows, V) into loss / lse; the gradient into `grad` (may be x itself)
+    when given, scaled by gscale[row] (when given) and by 1 / max(count, 1) when `mean`."""
+    N, V = x.shape
+    if N == 0:
+        return
+    BLOCK_V = _block_v(V, block_v)
+    NCHUNK = triton.cdiv(V, BLOCK_V)
+    warps = int(os.environ.get("QLORA_KERNELS_CE_WARPS", kernels.CE_NUM_WARPS))
+    sc = _softcap_value(softcap)
+    common = dict(HAS_SOFTCAP=softcap is not None)
+    mode = _ce_mode()
+    if mode == "row" and gscale is None:
+        rb = block_v or min(int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_ROW_BLOCK_V)),
+                            triton.next_power_of_2(V))
+        kernels.ce_row_kernel[(N,)](
+            x, labels, grad if grad is not None else x, loss, lse, count, V, x.stride(0),
+            grad.stride(0) if grad is not None else 0, ignore_index, smoothing, z_loss, sc, BLOCK_V=rb,
+            MEAN=mean, COMPUTE_GRAD=grad is not None, WRITE_IGNORED=write_ignored,
+            num_warps=int(os.environ.get("QLORA_KERNELS_CE_WARPS", kernels.CE_ROW_NUM_WARPS)), **common)
+        return
+    part = torch.empty((4, N * NCHUNK), dtype=torch.float32, device=x.device)
+    if grad is not None and gscale is None and mode == "fused" and x.is_cuda:
+        counter = torch.zeros(N, dtype=torch.int32, device=x.device)
+        kernels.ce_fused_kernel[(N * NCHUNK,)](
+            x, labels, grad, part, counter, loss, lse, count, N, V, x.stride(0), grad.stride(0), ignore_index,
+            smoothing, z_loss, sc, NCHUNK=NCHUNK, NCHUNK_P2=triton.next_power_of_2(NCHUNK), BLOCK_V=BLOCK_V,
+            MEAN=mean, WRITE_IGNORED=write_ignored, num_warps=warps, **common)
+        return
+    kernels.ce_stats_kernel[(N * NCHUNK,)](x, labels, part, N, V, x.stride(0), ignore_index, sc, NCHUNK=NCHUNK,
+                                           BLOCK_V=BLOCK_V, num_warps=warps, **common)
+    rows = kernels.CE_COMBINE_ROWS
+    kernels.ce_combine_kernel[(triton.cdiv(N, rows),)](labels, part, loss, lse, N, V, ignore_index, smoothing,
+                                                       z_loss, NCHUNK=NCHUNK, NCHUNK_P2=triton.next_power_of_2(NCHUNK),
+                                                       BLOCK_R=rows)
+    if grad is not None:
+        _grad_launch(x, labels, lse, grad, count, gscale, ignore_index=ignore_index, smoothing=smoothing,
+                     z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=write_ignored, block_v=BLOCK_V)
+
+
+def _grad_launch(x, labels, lse, grad, count, gscale, *, ignore_index, smoothing, z_loss, softcap, mean,
+                 write_ignored, block_v=0):
+    N, V = x.shape
+    if N == 0:
+        return
+    BLOCK_V = _block_v(V, block_v)
+    NCHUNK = triton.cdiv(V, BLOCK_V)
+    kernels.ce_grad_kernel[(N * NCHUNK,)](
+        x, labels, lse, grad, gscale if gscale is not None else lse, 1, count if count is not None else lse, V,
+        x.stride(0), grad.stride(0), ignore_index, smoothing, z_loss, _softcap_value(softcap), NCHUNK=NCHUNK,
+        BLOCK_V=BLOCK_V, HAS_SOFTCAP=softcap is not None, HAS_GSCALE=gscale is not None, MEAN=mean,
+        WRITE_IGNORED=write_ignored, num_warps=kernels.CE_NUM_WARPS)
+
+
+def _scale_(x, g, backend):
+    """x *= g in place (g a device scalar); a no-op launch when g == 1."""
+    if x.numel() == 0:
+        return
+    if _cpu_backend(backend):
+        x.mul_(g.to(x.dtype) if x.dtype != torch.float32 else g)
+        return
+    kernels.scale_kernel[(triton.cdiv(x.numel(), kernels.SCALE_BLOCK),)](x, g, x.numel(),
+                                                                         BLOCK=kernels.SCALE_BLOCK, num_warps=8)
+
+
+MM_PROGRAMS_PER_SM = {"fwd": 1, "acc": 1, "dgrad": 2}   # resident programs per SM at each config's shared memory
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _mm_config(device, kind):
+    if _backend.interpreting():
+        return kernels.MM_INTERPRET_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    table = {"acc": kernels.MM_ACC_CONFIGS, "dgrad": kernels.MM_DGRAD_CONFIGS}.get(kind, kernels.MM_CONFIGS)
+    return table[9 if major >= 9 else 8]
+
+
+def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, bias=None, accumulate=False,
+                kind="fwd"):
+    """c (+)= a @ b (+ bias), rows or reduction bounded by limit - limit_offset (device scalar)."""
+    M, K = a.shape
+    N = b.shape[1]
+    kind = "acc" if accumulate else kind
+    cfg = dict(_mm_config(a.device, kind))
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    persistent = not _backend.interpreting() and os.environ.get("QLORA_KERNELS_MM_PERSISTENT", "1") == "1"
+    grid = (min(tiles, _num_sms(a.device) * MM_PROGRAMS_PER_SM[kind]) if persistent else tiles,)
+    kernels.bounded_matmul_kernel[grid](
+        a, b, c, bias if bias is not None else c, limit, limit_offset, M, N, K, a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), c.stride(0), c.stride(1), LIMIT_M=limit_m, LIMIT_K=limit_k,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=_backend.interpreting(),
+        IEEE=a.dtype == torch.float32, **cfg)
+
+
+# ------------------------------------------------------------------------- cross-entropy, both backends
+def _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, backend,
+                     block_v, grad):
+    N, V = logits.shape
+    softcap = softcap or None
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    count = (labels != ignore_index).sum(dtype=torch.int32).reshape(1)
+    if _cpu_backend(backend):
+        rows = max(1, CPU_CHUNK_BYTES // (12 * V))
+        for s in range(0, N, rows):
+            l, m, g = ref.rows_loss_grad(logits[s:s + rows], labels[s:s + rows], ignore_index, label_smoothing,
+                                         z_loss, softcap, compute_grad)
+            loss[s:s + rows], lse[s:s + rows] = l, m
+            if compute_grad:
+                grad[s:s + rows] = g / count.clamp(min=1) if mean else g
+        return loss, lse
+    _ce_launch(logits, labels, loss, lse, grad if compute_grad else None, count, None, ignore_index=ignore_index,
+               smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=True,
+               block_v=block_v)
+    return loss, lse
+
+
+@torch.library.custom_op("qlora_kernels::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                          z_loss: float, softcap: float, mean: bool, compute_grad: bool, backend: str,
+                          block_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row fp32 loss, lse, gradient of the summed (or, if mean, averaged) loss or an empty tensor)."""
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    loss, lse = _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad,
+                                 backend, block_v, grad)
+    return loss, lse, grad
+
+
+@cross_entropy_forward.register_fake
+def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad, backend, block_v):
+    n = logits.shape[0]
+    rows = logits.new_empty(n, dtype=torch.float32)
+    return rows, torch.empty_like(rows), torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+
+
+@torch.library.custom_op("qlora_kernels::cross_entropy_forward_inplace", mutates_args=("logits",))
+def cross_entropy_forward_inplace(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                                  label_smoothing: float, z_loss: float, softcap: float, mean: bool, backend: str,
+                                  block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As cross_entropy_forward with the gradient written over `logits`."""
+    return _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, True, backend,
+                            block_v, logits)
+
+
+@cross_entropy_forward_inplace.register_fake
+def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, backend, block_v):
+    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("qlora_kernels::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
+                           block_v: int) -> torch.Tensor:
+    """d(sum_i grad_rows[i] * loss_i) / d logits, recomputed from the logits and the saved lse."""
+    softcap = softcap or None
+    grad = torch.empty_like(logits)
+    if _cpu_backend(backend):
+        rows = max(1, CPU_CHUNK_BYTES // (12 * logits.shape[1]))
+        for s in range(0, logits.shape[0], rows):
+            g = ref.rows_loss_grad(logits[s:s + rows], labels[s:s + rows], ignore_index, label_smoothing, z_loss,
+                                   softcap, True)[2]
+            grad[s:s + rows] = g * grad_rows[s:s + rows, None]
+        return grad
+    _grad_launch(logits, labels, lse, grad, None, grad_rows, ignore_index=ignore_index, smoothing=label_smoothing,
+                 z_loss=z_loss, softcap=softcap, mean=False, write_ignored=True, block_v=block_v)
+    return grad
+
+
+@cross_entropy_backward.register_fake
+def _(logits, labels, lse, grad_rows, ignore_index, label_smoothing, z_loss, softcap, backend, block_v):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("qlora_kernels::scale_", mutates_args=("x",))
+def scale_(x: torch.Tensor, g: torch.Tensor, backend: str) -> None:
+    """x *= g (g a one-element device tensor), skipped on the device when g == 1."""
+    _scale_(x, g.reshape(1).float(), backend)
+
+
+@scale_.register_fake
+def _(x, g, backend):
+    return None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
+                backend, block_v):
+        opts = (ignore_index, float(label_smoothing), float(z_loss), _softcap_value(softcap))
+        mean = reduction == "mean"
+        ctx.fused = ctx.needs_input_grad[0] and reduction != "none"
+        if ctx.fused and inplace_backward:
+            loss_rows, lse = torch.ops.qlora_kernels.cross_entropy_forward_inplace(logits, labels, *opts, mean,
+                                                                                   backend, block_v)
+            ctx.save_for_backward(logits)
+        elif ctx.fused:
+            loss_rows, lse, grad = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, mean, True,
+                                                                                 backend, block_v)
+            ctx.save_for_backward(grad)
+        else:
+            loss_rows, lse, _ = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, mean, False,
+                                                                              backend, block_v)
+            ctx.save_for_backward(logits, labels, lse)
+        ctx.opts, ctx.backend, ctx.block_v = opts, backend, block_v
+        if reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total / (labels != ignore_index).sum().clamp(min=1) if mean else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.fused:
+            (grad,) = ctx.saved_tensors
+            torch.ops.qlora_kernels.scale_(grad, grad_out, ctx.backend)
+        else:
+            logits, labels, lse = ctx.saved_tensors
+            grad = torch.ops.qlora_kernels.cross_entropy_backward(logits, labels, lse, grad_out.float().contiguous(),
+                                                                  *ctx.opts, ctx.backend, ctx.block_v)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                        softcap=None, inplace_backward=False, backend=None, block_v=0):
+    """Cross-entropy of `logits` (N, V) or (B, T, V) (bf16/fp16/fp32) against int64 `labels` of the leading
+    shape, with the semantics of F.cross_entropy (label smoothing included), plus
+    `z_loss * logsumexp(logits)**2` per counted token and an optional `softcap * tanh(logits / softcap)`
+    applied first. Math in fp32; the loss is fp32. 'mean' divides by the number of labels that are not
+    `ignore_index`, and gives 0 (gradient 0) when there is none.
+
+    For 'mean'/'sum' with grad, the gradient is computed in the forward pass (logits read once) and held
+    until backward, which scales it by the incoming gradient on the device (no-op when it is 1); that
+    backward can run once per forward. `inplace_backward=True` writes it over `logits` (saves their
+    size in memory; the caller's logits are then destroyed). 'none' recomputes in backward.
+    `backend` forces "triton" / "cpu" / "reference"; `block_v` overrides the columns per program (tests).
+    """
+    _check_logits(logits, labels, ignore_index)
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    backend = _backend.resolve_backend(logits, backend)
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < V):
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs logits whose rows are contiguous")
+        x = x.contiguous()
+    y = labels.reshape(-1).to(torch.int64).contiguous()
+    out = _CrossEntropy.apply(x, y, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
+                              backend, block_v)
+    return out.reshape(labels.shape) if reduction == "none" else out
+
+
+# ------------------------------------------------------------------------------ linear cross-entropy
+def linear_ce_chunk_rows(V, dtype, chunk_bytes, n_rows, cpu=False):
+    """Rows of compacted tokens per chunk: the chunk's logits (plus, on the CPU path, its fp32
+    temporaries) fit in `chunk_bytes`; a multiple of 128 when that many fit; at least 1."""
+    per_row = V * (12 if cpu else torch.empty(0, dtype=dtype).element_size())
+    rows = max(1, int(chunk_bytes) // per_row)
+    if rows >= 128:
+        rows -= rows % 128
+    return max(1, min(rows, n_rows))
+
+
+def _alloc_chunk(rows, V, dtype, device):
+    """The linear variant's one (rows, V) logits buffer (a function so tests can watch its size)."""
+    return torch.empty((rows, V), dtype=dtype, device=device)
+
+
+def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
+    ignore_index, smoothing, z_loss, softcap = opts
+    softcap = softcap or None
+    N, H = h.shape
+    V = w.shape[0]
+    dev = h.device
+    valid = labels != ignore_index
+    count = valid.sum(dtype=torch.int32).reshape(1)
+    # compaction on the device: labelled rows first, in order; positions >= count hold row 0 and are never used
+    pos = valid.cumsum(0) - 1
+    target = torch.where(valid, pos, N)
+    ar = torch.arange(N, device=dev)
+    idx = torch.zeros(N + 1, dtype=torch.int64, device=dev).scatter_(0, target, ar)[:N]
+    live = ar < count
+    back = torch.where(live, idx, N)                      # compacted position -> original row (N: drop)
+    lab_c = torch.where(live, labels[idx], ignore_index)
+    gs_c = None if gscale is None else gscale[idx].float().contiguous()
+    hc = h.index_select(0, idx)
+    R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
+    buf = _alloc_chunk(R, V, h.dtype, dev)
+    loss_c = torch.empty(N, dtype=torch.float32, device=dev)
+    lse_c = torch.empty(N, dtype=torch.float32, device=dev)
+    grad_hc = torch.empty((N, H), dtype=h.dtype, device=dev) if need_h else None
+    grad_w = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    compute_grad = need_h or need_w or need_b
+    wt = w.t()
+    for s in range(0, N, R):
+        r = min(R, N - s)
+        lg = buf[:r]
+        _bounded_mm(hc[s:s + r], wt, lg, count, s, limit_m=True, bias=b)
+        _ce_launch(lg, lab_c[s:s + r], loss_c[s:s + r], lse_c[s:s + r], lg if compute_grad else None, count,
+                   None if gs_c is None else gs_c[s:s + r], ignore_index=ignore_index, smoothing=smoothing,
+                   z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=False)
+        if need_h:
+            _bounded_mm(lg, w, grad_hc[s:s + r], count, s, limit_m=True, kind="dgrad")
+        if need_w:
+            _bounded_mm(lg.t(), hc[s:s + r], grad_w, count, s, limit_k=True, accumulate=True)
+        if need_b:
+            kernels.colsum_kernel[(triton.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
+                                                          BLOCK_C=256)
+    loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
+    grad_h = None
+    if need_h:
+        grad_h = torch.zeros((N + 1, H), dtype=h.dtype, device=dev).index_copy_(0, back, grad_hc)[:N]
+    return loss, grad_h, grad_w, grad_b
+
+
+def _linear_ce_cpu(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
+    ignore_index, smoothing, z_loss, softcap = opts
+    softcap = softcap or None
+    N, H = h.shape
+    V = w.shape[0]
+    rows_idx = (labels != ignore_index).nonzero().squeeze(1)   # CPU tensors: no device to sync with
+    count = max(1, rows_idx.numel())
+    loss = h.new_zeros(N, dtype=torch.float32)
+    grad_h = h.new_zeros((N, H)) if need_h else None
+    grad_w = h.new_zeros((V, H), dtype=torch.float32) if need_w else None
+    grad_b = h.new_zeros(V, dtype=torch.float32) if need_b else None
+    w32 = w.float()
+    R = linear_ce_chunk_rows(V, torch.float32, chunk_bytes, max(rows_idx.numel(), 1), cpu=True)
+    compute_grad = need_h or need_w or need_b
+    for s in range(0, rows_idx.numel(), R):
+        sel = rows_idx[s:s + R]
+        hc = h.index_select(0, sel).float()
+        logits = _alloc_chunk(sel.numel(), V, torch.float32, h.device)
+        torch.matmul(hc, w32.t(), out=logits)
+        if b is not None:
+            logits += b.float()
+        l, _, g = ref.rows_loss_grad(logits, labels[sel], ignore_index, smoothing, z_loss, softcap, compute_grad)
+        loss[sel] = l
+        if not compute_grad:
+            continue
+        if gscale is not None:
+            g *= gscale[sel].float()[:, None]
+        if mean:
+            g /= count
+        if need_h:
+            grad_h[sel] = (g @ w32).to(h.dtype)
+        if need_w:
+            grad_w.addmm_(g.t(), hc)
+        if need_b:
+            grad_b += g.sum(0)
+    return loss, grad_h, grad_w, grad_b
+
+
+def _linear_impl(hidden, weight, bias, labels, gscale, ignore_index, label_smoothing, z_loss, softcap, mean,
+                 need_h, need_w, need_b, chunk_bytes, backend):
+    opts = (ignore_index, label_smoothing, z_loss, softcap)
+    fn = _linear_ce_cpu if _cpu_backend(backend) else _linear_ce_triton
+    loss, gh, gw, gb = fn(hidden, weight, bias, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes)
+    f32 = dict(dtype=torch.float32)
+    return (loss, gh if gh is not None else hidden.new_empty(0), gw if gw is not None else hidden.new_empty(0, **f32),
+            gb if gb is not None else hidden.new_empty(0, **f32))
+
+
+@torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         gscale: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                         softcap: float, mean: bool, need_h: bool, need_w: bool, need_b: bool, chunk_bytes: int,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row fp32 loss, grad hidden, fp32 grad weight, fp32 grad bias) of sum_i gscale_i * loss_i
+    (gscale 1 when None; / count when mean); a gradient not asked for is an empty tensor."""
+    return _linear_impl(hidden, weight, bias, labels, gscale, ignore_index, label_smoothing, z_loss, softcap, mean,
+                        need_h, need_w, need_b, chunk_bytes, backend)
+
+
+@linear_cross_entropy.register_fake
+def _(hidden, weight, bias, labels, gscale, ignore_index, label_smoothing, z_loss, softcap, mean, need_h, need_w,
+      need_b, chunk_bytes, backend):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty(N, **f32), hidden.new_empty((N, H) if need_h else (0,)),
+            hidden.new_empty((V, H) if need_w else (0,), **f32), hidden.new_empty((V,) if need_b else (0,), **f32))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                chunk_bytes, backend):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        mean = reduction == "mean"
+        opts = (ignore_index, float(label_smoothing), float(z_loss), _softcap_value(softcap))
+        ctx.none = reduction == "none"
+        ctx.flags = (need_h, need_w, need_b)
+        ctx.args = (opts, chunk_bytes, backend)
+        grads = need_h or need_w or need_b
+        loss, gh, gw, gb = torch.ops.qlora_kernels.linear_cross_entropy(
+            hidden, weight, bias, labels, None, *opts, mean, need_h and not ctx.none, need_w and not ctx.none,
+            need_b and not ctx.none, chunk_bytes, backend)
+        if ctx.none:   # per-row gradient scales are known only in backward: recompute there
+            ctx.save_for_backward(hidden, weight, bias, labels)
+            return loss
+        if grads:
+            ctx.save_for_backward(gh, gw, gb)
+        total = loss.sum()
+        return total / (labels != ignore_index).sum().clamp(min=1) if mean else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        need_h, need_w, need_b = ctx.flags
+        if ctx.none:
+            hidden, weight, bias, labels = ctx.saved_tensors
+            opts, chunk_bytes, backend = ctx.args
+            _, gh, gw, gb = torch.ops.qlora_kernels.linear_cross_entropy(
+                hidden, weight, bias, labels, grad_out.contiguous(), *opts, False, need_h, need_w, need_b,
+                chunk_bytes, backend)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            for t, need in ((gh, need_h), (gw, need_w), (gb, need_b)):
+                if need:
+                    torch.ops.qlora_kernels.scale_(t, grad_out, ctx.args[2])
+        return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
+                None, None, None, None, None, None, None, None)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                               backend=None):
+    """fused_cross_entropy(hidden @ weight.T (+ bias), labels, ...) without materializing the (N, V) logits.
+
+    hidden (N, H) or (B, T, H); weight (V, H); bias (V,) or None; labels int64 of hidden's leading shape,
+    ALREADY ALIGNED with hidden (shift them yourself for next-token prediction: labels[:, t] is the target
+    of hidden[:, t]). Only rows whose label is not `ignore_index` are computed: they are compacted on the
+    device (no host sync) and processed in chunks of at most `chunk_bytes` of logits (default 128 MB), so
+    the extra memory does not grow with N x V. The gradients (computed in the forward pass) are for hidden,
+    and for weight / bias only when they require grad (a frozen head costs no weight-gradient GEMM);
+    weight and bias gradients accumulate in fp32. For 'none', backward recomputes the chunks.
+    """
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("hidden and weight must be torch.Tensors")
+    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dim() not in (2, 3) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"expected hidden (N, H) or (B, T, H) and weight (V, H); got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be ({weight.shape[0]},) of dtype {hidden.dtype}, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
+    if int(chunk_bytes) <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    _backend.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    _check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, name="hidden")
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    backend = _backend.resolve_backend(hidden, backend)
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    y = labels.reshape(-1).to(torch.int64).contiguous()
+    out = _LinearCrossEntropy.apply(h, weight.contiguous(), None if bias is None else bias.contiguous(), y,
+                                    ignore_index, reduction, label_smoothing, z_loss, softcap, int(chunk_bytes),
+                                    backend)
+    return out.reshape(labels.shape) if reduction == "none" else out

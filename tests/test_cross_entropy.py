@@ -1,0 +1,469 @@
+"""fused_cross_entropy and fused_linear_cross_entropy against F.cross_entropy / F.linear in fp32.
+
+Backends: "triton" (interpreted on CPU tensors without a GPU, compiled on CUDA) and the chunked
+plain-PyTorch CPU path ("reference"). Interpreted shapes stay small (cost follows the program count).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels.cross_entropy import MM_ACC_CONFIGS, MM_CONFIGS, MM_DGRAD_CONFIGS
+from qlora_kernels.ops import cross_entropy as ops
+from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from qlora_kernels.reference import cross_entropy as ref
+from qlora_kernels.testing import CompileCase, assert_close, compile_for_gpu
+
+TRITON_OK = torch.cuda.is_available() or _backend.interpreting()
+BACKENDS = ["reference"] + (["triton"] if TRITON_OK else [])
+OPTIONS = [  # each option alone, then combinations (not the full product)
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=4.0),
+    dict(reduction="sum", label_smoothing=0.05, softcap=30.0),
+    dict(reduction="none", z_loss=1e-2, label_smoothing=0.2),
+    dict(reduction="mean", label_smoothing=0.1, z_loss=1e-4, softcap=10.0, ignore_index=7),
+]
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+
+
+def _labels(n, V, frac, ignore_index=-100, device="cpu"):
+    y = torch.randint(0, V, (n,), device=device)
+    keep = round(frac * n)
+    y[torch.randperm(n, device=device)[keep:]] = ignore_index
+    return y
+
+
+def _weights(loss):
+    """A grad_output that is not all ones (per row for 'none', 3.0 for a scalar)."""
+    return torch.rand_like(loss) + 0.5 if loss.dim() else torch.tensor(3.0, device=loss.device)
+
+
+def _default_backend(device):
+    return "triton" if device == "cuda" or _backend.interpreting() else "reference"
+
+
+def _skip_unsupported(backend, device):
+    if backend == "triton" and device == "cpu" and not _backend.interpreting():
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    if backend == "reference" and device == "cuda":
+        pytest.skip("the CPU path is checked on CPU")
+
+
+def _check_ce(logits, labels, backend, block_v=0, **opts):
+    _skip_unsupported(backend, logits.device.type)
+    x = logits.detach().clone().requires_grad_()
+    xr = logits.detach().float().requires_grad_()   # the fp32 reference sees the same (rounded) values
+    out = fused_cross_entropy(x, labels, backend=backend, block_v=block_v, **opts)
+    expected = ref.cross_entropy(xr, labels, **opts)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    g = _weights(expected)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    atol, rtol = TOL[logits.dtype]
+    assert_close(out, expected, atol=1e-4 if logits.dtype == torch.float32 else 1e-3, rtol=1e-4, msg="loss")
+    scale = float(xr.grad.abs().max()) or 1.0
+    assert_close(x.grad.float(), xr.grad, atol=atol * scale, rtol=rtol, msg="grad")
+    return out, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_options_v32003(backend, opts, device):
+    V = 32003
+    labels = _labels(6, V, 0.5, opts.get("ignore_index", -100), device)
+    _check_ce(torch.randn(6, V, device=device) * 4, labels, backend, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes_multichunk(dtype, backend, device):
+    V = 4099                                      # 5 chunks of 1024 columns, a partial last one
+    logits = (torch.randn(16, V, device=device) * 3).to(dtype)
+    _check_ce(logits, _labels(16, V, 0.75, device=device), backend, block_v=1024, label_smoothing=0.1, z_loss=1e-3,
+              softcap=8.0)
+
+
+@pytest.mark.parametrize("mode", ["split", "row"] + (["fused"] if torch.cuda.is_available() else []))
+def test_kernel_modes(mode, monkeypatch, device):
+    """Each launch strategy of the Triton cross-entropy (split / one program per row / fused barrier)."""
+    if device == "cpu" and not _backend.interpreting():
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", mode)
+    V = 4099
+    for dtype, opts in ((torch.float32, dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)),
+                        (torch.bfloat16, dict(reduction="sum"))):
+        logits = (torch.randn(12, V, device=device) * 3).to(dtype)
+        _check_ce(logits, _labels(12, V, 0.5, device=device), "triton", block_v=1024, **opts)
+    _check_ce(torch.randn(6, V, device=device), _labels(6, V, 0.0, device=device), "triton", block_v=1024)
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.5, 0.03, 0.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_labelled_fractions(frac, reduction, device):
+    backend = _default_backend(device)
+    n, V = 64, 2053
+    labels = _labels(n, V, frac, device=device)
+    out, grad = _check_ce(torch.randn(n, V, device=device), labels, backend, reduction=reduction)
+    if frac == 0.0:
+        assert not out.isnan().any() and float(out.abs().sum()) == 0.0
+        assert float(grad.abs().sum()) == 0.0
+    ignored = labels == -100
+    assert float(grad[ignored].abs().sum()) == 0.0
+
+
+def test_three_d_and_grad_output(device):
+    backend = _default_backend(device)
+    V = 1031
+    logits = torch.randn(2, 5, V, device=device)
+    labels = torch.randint(0, V, (2, 5), device=device)
+    labels[0, :2] = -100
+    _check_ce(logits, labels, backend, reduction="mean")
+    _check_ce(logits, labels, backend, reduction="none", softcap=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_and_no_overwrite(backend, device):
+    _skip_unsupported(backend, device)
+    V = 999
+    logits = torch.randn(8, V, device=device)
+    labels = _labels(8, V, 0.5, device=device)
+    keep = logits.clone()
+    x = logits.clone().requires_grad_()
+    fused_cross_entropy(x, labels, backend=backend).backward()
+    assert torch.equal(x.detach(), keep)                      # caller's logits untouched
+    leaf = logits.clone().requires_grad_()
+    buf = leaf.detach()                                       # shares storage with the leaf
+    loss = fused_cross_entropy(leaf, labels, backend=backend, inplace_backward=True)
+    loss.backward()
+    xr = keep.clone().requires_grad_()
+    ref.cross_entropy(xr, labels).backward()
+    assert_close(leaf.grad, xr.grad, atol=1e-6, rtol=1e-4)
+    assert_close(buf, xr.grad, atol=1e-6, rtol=1e-4, msg="gradient written over the logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_finite(backend, device):
+    _skip_unsupported(backend, device)
+    V = 3001
+    logits = torch.randn(4, V, device=device) * 1e4
+    labels = torch.randint(0, V, (4,), device=device)
+    for opts in (dict(), dict(label_smoothing=0.1, z_loss=1e-4), dict(softcap=30.0)):
+        x = logits.clone().requires_grad_()
+        loss = fused_cross_entropy(x, labels, backend=backend, **opts)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        assert_close(loss, ref.cross_entropy(logits, labels, **opts), atol=1e-2, rtol=1e-5)
+
+
+def test_no_grad_forward(device):
+    backend = _default_backend(device)
+    V = 2000
+    logits = torch.randn(8, V, device=device, dtype=torch.bfloat16)
+    labels = _labels(8, V, 0.5, device=device)
+    with torch.no_grad():
+        out = fused_cross_entropy(logits, labels, backend=backend)
+    assert_close(out, ref.cross_entropy(logits, labels), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 10)
+    y = torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="labels shape"):
+        fused_cross_entropy(x, y[:3])
+    with pytest.raises(TypeError, match="integer"):
+        fused_cross_entropy(x, y.float())
+    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+        fused_cross_entropy(x, torch.tensor([0, 1, 10, -100]))
+    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+        fused_cross_entropy(x, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="reduction"):
+        fused_cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_cross_entropy(x, y, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_cross_entropy(x, y, softcap=0.0)
+    with pytest.raises(ValueError, match="z_loss"):
+        fused_cross_entropy(x, y, z_loss=-1.0)
+    with pytest.raises(TypeError, match="float32"):
+        fused_cross_entropy(x.double(), y)
+    with pytest.raises(ValueError, match=r"\(N, V\)"):
+        fused_cross_entropy(torch.randn(10), torch.tensor(1))
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 9), y)
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8).half(), y)
+    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+        fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 11, 2]))
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), y, chunk_bytes=0)
+
+
+# ------------------------------------------------------------------------------------------ linear
+def _check_linear(n, H, V, frac, dtype, backend, device, bias=False, frozen=False, reduction="mean",
+                  chunk_bytes=ops.DEFAULT_CHUNK_BYTES, **opts):
+    _skip_unsupported(backend, device)
+    h = (torch.randn(n, H, device=device)).to(dtype)
+    w = (torch.randn(V, H, device=device) / H ** 0.5).to(dtype)
+    b = (torch.randn(V, device=device) * 0.1).to(dtype) if bias else None
+    labels = _labels(n, V, frac, device=device)
+    ins = [t.detach().clone().requires_grad_(not (frozen and i > 0)) if t is not None else None
+           for i, t in enumerate((h, w, b))]
+    refs = [t.detach().float().requires_grad_(not (frozen and i > 0)) if t is not None else None
+            for i, t in enumerate((h, w, b))]
+    out = fused_linear_cross_entropy(ins[0], ins[1], labels, bias=ins[2], reduction=reduction, backend=backend,
+                                     chunk_bytes=chunk_bytes, **opts)
+    expected = ref.cross_entropy(F.linear(refs[0], refs[1], refs[2]), labels, reduction=reduction, **opts)
+    g = _weights(expected)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    low = dtype != torch.float32
+    assert_close(out, expected, atol=5e-2 if low else 1e-4, rtol=2e-2 if low else 1e-4, msg="loss")
+    for name, a, e in zip("hwb", ins, refs):
+        if a is None or not e.requires_grad:
+            assert a is None or a.grad is None
+            continue
+        scale = float(e.grad.abs().max()) or 1.0
+        assert_close(a.grad.float(), e.grad, atol=(3e-2 if low else 1e-5) * scale, rtol=5e-2 if low else 1e-4,
+                     msg=f"grad {name}")
+    return ins
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frac", [1.0, 0.5, 0.03, 0.0])
+def test_linear_fractions(backend, frac, device):
+    _check_linear(64, 32, 1000, frac, torch.float32, backend, device, bias=frac == 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(reduction="none", label_smoothing=0.1, bias=True),
+    dict(reduction="sum", frozen=True, z_loss=1e-3, softcap=5.0),
+    dict(dtype=torch.bfloat16, frozen=True, label_smoothing=0.1),
+    dict(dtype=torch.float16, bias=True, reduction="none"),
+], ids=["none-bias", "sum-frozen-zloss-softcap", "bf16-frozen", "fp16-none-bias"])
+def test_linear_options(backend, case, device):
+    case = dict(case)
+    dtype = case.pop("dtype", torch.float32)
+    # a budget of 3 rows of logits: several chunks, one of them partly labelled
+    _check_linear(16, 32, 517, 0.5, dtype, backend, device, chunk_bytes=3 * 517 * 4 * 3, **case)
+
+
+def test_linear_extra_memory_bounded(monkeypatch, device):
+    """The only (rows, V) buffer the linear variant allocates is capped by chunk_bytes, whatever N."""
+    backend = _default_backend(device)
+    sizes = []
+    real = ops._alloc_chunk
+    monkeypatch.setattr(ops, "_alloc_chunk", lambda r, V, dt, dev: sizes.append(r * V * dt.itemsize) or
+                        real(r, V, dt, dev))
+    V, budget = 1000, 16 * 1000 * 4
+    for n in (32, 128):
+        sizes.clear()
+        _check_linear(n, 16, V, 1.0, torch.float32, backend, device, chunk_bytes=budget)
+        assert sizes and max(sizes) <= budget, (n, sizes)
+    assert ops.linear_ce_chunk_rows(128256, torch.bfloat16, 128 << 20, 32768) == 512
+    assert ops.linear_ce_chunk_rows(128256, torch.float32, 1, 32768) == 1          # never zero rows
+    assert ops.linear_ce_chunk_rows(128256, torch.bfloat16, 1 << 40, 100) == 100
+
+
+def test_linear_time_falls_with_labelled_fraction():
+    """CPU path: only labelled rows are computed, so 3 % labelled is far cheaper than 100 %."""
+    n, H, V = 1024, 64, 8192
+    h = torch.randn(n, H, requires_grad=True)
+    w = torch.randn(V, H) / 8
+
+    def run(frac):
+        labels = _labels(n, V, frac)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            fused_linear_cross_entropy(h, w, labels, backend="reference").backward()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    full, sparse = run(1.0), run(0.03)
+    assert sparse < 0.4 * full, (sparse, full)
+
+
+def test_torch_library_ops():
+    x = torch.randn(4, 50)
+    y = torch.tensor([1, -100, 3, 49])
+    torch.library.opcheck(torch.ops.qlora_kernels.cross_entropy_forward.default,
+                          (x, y, -100, 0.1, 1e-3, 0.0, True, True, "reference", 0))
+    torch.library.opcheck(torch.ops.qlora_kernels.cross_entropy_backward.default,
+                          (x, y, torch.randn(4), torch.rand(4), -100, 0.0, 0.0, 0.0, "reference", 0))
+    torch.library.opcheck(torch.ops.qlora_kernels.linear_cross_entropy.default,
+                          (torch.randn(4, 8), torch.randn(50, 8), None, y, None, -100, 0.0, 0.0, 0.0, True, True,
+                           True, False, 1 << 20, "reference"))
+
+
+def test_nn_modules_and_compile():
+    from qlora_kernels.nn import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
+    x = torch.randn(6, 40, requires_grad=True)
+    y = torch.tensor([1, -100, 3, 39, 0, -100])
+    assert_close(FusedCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3)(x, y),
+                 ref.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3), atol=1e-5, rtol=1e-5)
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(40, 8)
+    assert_close(FusedLinearCrossEntropyLoss(reduction="sum")(h, w, y),
+                 ref.cross_entropy(F.linear(h, w), y, reduction="sum"), atol=1e-4, rtol=1e-5)
+    fn = torch.compile(lambda a, b: fused_cross_entropy(a, b, backend="reference"), backend="eager", fullgraph=True)
+    out = fn(x, y)
+    out.backward()
+    xr = x.detach().clone().requires_grad_()
+    ref.cross_entropy(xr, y).backward()
+    assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.cuda
+def test_cuda_no_host_sync_and_large_vocab():
+    V = 128256
+    logits = torch.randn(64, V, device="cuda", dtype=torch.bfloat16) * 3
+    labels = _labels(64, V, 0.5, device="cuda")
+    h = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(V, 256, device="cuda", dtype=torch.bfloat16) / 16
+    hl = _labels(256, V, 0.04, device="cuda")
+    fused_cross_entropy(logits.requires_grad_(), labels).backward()    # compile outside the sync check
+    fused_linear_cross_entropy(h.requires_grad_(), w, hl).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_cross_entropy(logits, labels, label_smoothing=0.1).backward()
+        fused_linear_cross_entropy(h, w, hl).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _check_ce(logits.detach(), labels, "triton", label_smoothing=0.1, z_loss=1e-4)
+    _check_linear(300, 128, V, 0.04, torch.bfloat16, "triton", "cuda", frozen=True)
+
+
+# ------------------------------------------------------------------------------------------ compile
+def _ce_cases():
+    sig_common = {"n_rows": "i32", "V": "i32", "stride_row": "i64", "ignore_index": "i64", "softcap": "fp32"}
+    cases = []
+    for dt in ("bf16", "fp32"):
+        cases.append(CompileCase(
+            "qlora_kernels.kernels.cross_entropy", "ce_fused_kernel",
+            {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "grad_ptr": f"*{dt}", "part_ptr": "*fp32",
+             "counter_ptr": "*i32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "count_ptr": "*i32", **sig_common,
+             "grad_stride_row": "i64", "smoothing": "fp32", "z_loss": "fp32", "NCHUNK": "constexpr",
+             "NCHUNK_P2": "constexpr", "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr", "MEAN": "constexpr",
+             "WRITE_IGNORED": "constexpr"},
+            {"NCHUNK": 16, "NCHUNK_P2": 16, "BLOCK_V": 8192, "HAS_SOFTCAP": True, "MEAN": True, "WRITE_IGNORED": True},
+            num_warps=8, num_stages=1))
+    cases.append(CompileCase(
+        "qlora_kernels.kernels.cross_entropy", "ce_stats_kernel",
+        {"logits_ptr": "*bf16", "labels_ptr": "*i64", "part_ptr": "*fp32", **sig_common, "NCHUNK": "constexpr",
+         "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr"},
+        {"NCHUNK": 32, "BLOCK_V": 4096, "HAS_SOFTCAP": True}, num_warps=4, num_stages=1))
+    cases.append(CompileCase(
+        "qlora_kernels.kernels.cross_entropy", "ce_combine_kernel",
+        {"labels_ptr": "*i64", "part_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "n_rows": "i32",
+         "V": "i32", "ignore_index": "i64", "smoothing": "fp32", "z_loss": "fp32", "NCHUNK": "constexpr",
+         "NCHUNK_P2": "constexpr", "BLOCK_R": "constexpr"},
+        {"NCHUNK": 32, "NCHUNK_P2": 32, "BLOCK_R": 64}, num_warps=4, num_stages=1))
+    cases.append(CompileCase(
+        "qlora_kernels.kernels.cross_entropy", "ce_grad_kernel",
+        {"logits_ptr": "*bf16", "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*bf16", "gscale_ptr": "*fp32",
+         "gscale_stride": "i32", "count_ptr": "*i32", "V": "i32", "stride_row": "i64", "grad_stride_row": "i64",
+         "ignore_index": "i64", "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "NCHUNK": "constexpr",
+         "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr", "HAS_GSCALE": "constexpr", "MEAN": "constexpr",
+         "WRITE_IGNORED": "constexpr"},
+        {"NCHUNK": 32, "BLOCK_V": 4096, "HAS_SOFTCAP": True, "HAS_GSCALE": True, "MEAN": False,
+         "WRITE_IGNORED": True}, num_warps=4, num_stages=1))
+    cases.append(CompileCase(
+        "qlora_kernels.kernels.cross_entropy", "ce_row_kernel",
+        {"logits_ptr": "*bf16", "labels_ptr": "*i64", "grad_ptr": "*bf16", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
+         "count_ptr": "*i32", "V": "i32", "stride_row": "i64", "grad_stride_row": "i64", "ignore_index": "i64",
+         "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr",
+         "MEAN": "constexpr", "COMPUTE_GRAD": "constexpr", "WRITE_IGNORED": "constexpr"},
+        {"BLOCK_V": 8192, "HAS_SOFTCAP": True, "MEAN": True, "COMPUTE_GRAD": True, "WRITE_IGNORED": True},
+        num_warps=16, num_stages=1))
+    cases.append(CompileCase("qlora_kernels.kernels.cross_entropy", "scale_kernel",
+                             {"x_ptr": "*bf16", "g_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"},
+                             {"BLOCK": 8192}, num_warps=8, num_stages=1))
+    cases.append(CompileCase(
+        "qlora_kernels.kernels.cross_entropy", "colsum_kernel",
+        {"x_ptr": "*bf16", "out_ptr": "*fp32", "limit_ptr": "*i32", "limit_offset": "i64", "n_rows": "i32",
+         "n_cols": "i32", "stride_row": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+        {"BLOCK_R": 32, "BLOCK_C": 256}, num_warps=4, num_stages=1))
+    return cases
+
+
+def _mm_cases():
+    """The three GEMMs of the linear variant as launched: unit strides specialized, the other integers
+    divisible by 16 (as Triton specializes H, V and the chunk rows at launch)."""
+    cases = []
+    strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
+    for arch, out, unit, flags in (
+            (90, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=True)),
+            (90, "bf16", ("stride_ak", "stride_bn", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=False)),
+            (90, "fp32", ("stride_am", "stride_bn", "stride_cn"), dict(LIMIT_M=False, LIMIT_K=True, HAS_BIAS=False)),
+            (80, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=True))):
+        acc = out == "fp32"
+        dgrad = "stride_bn" in unit and not acc
+        mm = dict((MM_ACC_CONFIGS if acc else MM_DGRAD_CONFIGS if dgrad else MM_CONFIGS)[arch // 10])
+        warps, stages = mm.pop("num_warps"), mm.pop("num_stages")
+        sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": f"*{out}", "bias_ptr": "*bf16", "limit_ptr": "*i32",
+               "limit_offset": "i64", "M": "i32", "N": "i32", "K": "i32"}
+        sig.update({s: "constexpr" if s in unit else "i64" for s in strides})
+        sig.update({k: "constexpr" for k in ("LIMIT_M", "LIMIT_K", "HAS_BIAS", "ACCUMULATE", "UPCAST", "IEEE", "BM",
+                                              "BN", "BK", "GROUP_M")})
+        consts = {**{s: 1 for s in unit}, **flags, "ACCUMULATE": acc, "UPCAST": False, "IEEE": False, **mm}
+        cases.append((arch, CompileCase("qlora_kernels.kernels.cross_entropy", "bounded_matmul_kernel", sig, consts,
+                                        num_warps=warps, num_stages=stages)))
+    return cases
+
+
+def _compile_gemms():
+    """Compile the GEMM cases here (no interpreter) with triton's launch-time divisibility attributes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qlora_kernels.kernels import cross_entropy as K
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    reports = []
+    for arch, c in _mm_cases():
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(c.signature.items())
+                 if t.startswith("*") or (t in ("i32", "i64") and n != "limit_offset")}
+        src = ASTSource(fn=K.bounded_matmul_kernel, signature=c.signature, constexprs=c.constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        path = f"/tmp/qlora_ce_{os.getpid()}_{arch}.cubin"
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True).stdout
+        os.remove(path)
+        fields = dict(t.split(":", 1) for t in usage.split() if ":" in t and t.split(":", 1)[1].isdigit())
+        reports.append({"label": c.label(), "arch": arch, "registers": int(fields.get("REG", -1)),
+                        "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
+                        "shared": int(k.metadata.shared), "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")})
+    return reports
+
+
+def test_compiles_for_gpu_without_spills():
+    reports = compile_for_gpu(_ce_cases(), archs=(90,)) + compile_for_gpu(_ce_cases()[:1], archs=(80,))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports += json.loads(proc.stdout.strip().splitlines()[-1])
+    print("\n".join(str(r) for r in reports))
+    for r in reports:
+        assert r["local"] == 0 and r["stack"] == 0 and r.get("spill_bytes", 0) == 0, r
+        assert r["shared"] <= 227 * 1024, r
+    gemms = [r for r in reports if r["label"].startswith("bounded_matmul")]
+    assert all(r["hgmma"] > 0 for r in gemms if r["arch"] == 90), gemms
+    assert all(r["hmma"] > 0 for r in gemms if r["arch"] == 80), gemms
+
+
+if __name__ == "__main__":   # the GEMM half of the compile test, run in a child without the interpreter
+    print(json.dumps(_compile_gemms()))
