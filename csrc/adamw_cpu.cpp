@@ -1,16 +1,19 @@
 // FusedAdamW on the CPU with OpenMP: one call updates every tensor of a param group (see
-// qlora_kernels/reference/adamw.py for the math it must match bit for bit in fp32).
+// qlora_kernels/reference/adamw.py for the math; IEEE sqrt/div and true fmas, like the Triton kernel).
 //
 // Work is cut into chunks of kChunk elements across all tensors and spread over the threads. The fp32
-// core is compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones picks one at load time), so
-// it vectorizes though setup.py builds with plain -O3. bf16/fp16 params go through fp32 scratch chunks.
-#pragma GCC optimize("no-math-errno")  // lets sqrt vectorize; results are unchanged
+// core has an AVX2+FMA path picked at run time (setup.py builds with plain -O3) and a scalar one.
+// bf16/fp16 params go through fp32 scratch chunks.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define QK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -29,34 +32,63 @@ struct Hyper {
 };
 
 // p *= decay; m = fma(1-b1, g-m, m); v = fma((1-b2) g, g, v b2); p += (step_size m) / (sqrt(v)/bc2_sqrt + eps)
-QK_MULTIVERSION
-void adamw_core(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
-                float* __restrict vmax, int64_t n, Hyper h, float step_size, float bc2_sqrt) {
+// amsgrad: vmax = max(vmax, v) (NaN propagates, as torch.maximum), used in place of v.
+inline void adamw_scalar(float* p, const float* g, float* m, float* v, float* vmax, int64_t i, const Hyper& h,
+                         float step_size, float bc2_sqrt) {
+  const float gi = g[i] * h.grad_scale;
+  const float pi = p[i] * h.decay;
+  const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
+  float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
+  m[i] = mi;
+  v[i] = vi;
   if (h.amsgrad) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i] * h.grad_scale;
-      const float pi = p[i] * h.decay;
-      const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
-      const float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
-      const float vm = std::isnan(vi) ? vi : std::max(vmax[i], vi);
-      m[i] = mi;
-      v[i] = vi;
-      vmax[i] = vm;
-      p[i] = pi + (step_size * mi) / (std::sqrt(vm) / bc2_sqrt + h.eps);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i] * h.grad_scale;
-      const float pi = p[i] * h.decay;
-      const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
-      const float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
-      m[i] = mi;
-      v[i] = vi;
-      p[i] = pi + (step_size * mi) / (std::sqrt(vi) / bc2_sqrt + h.eps);
-    }
+    vi = (std::isnan(vi) || std::isnan(vmax[i])) ? vi + vmax[i] : std::max(vmax[i], vi);
+    vmax[i] = vi;
   }
+  p[i] = pi + (step_size * mi) / (std::sqrt(vi) / bc2_sqrt + h.eps);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define QK_HAVE_AVX2 1
+// AVX2 + FMA by hand: GCC will not vectorize std::sqrt without -fno-math-errno, which setup.py does not pass
+// (and the optimize pragma/attribute does not set). Same operations, same order, same IEEE results.
+__attribute__((target("avx2,fma"))) void adamw_avx2(float* p, const float* g, float* m, float* v, float* vmax,
+                                                    int64_t n, Hyper h, float step_size, float bc2_sqrt) {
+  const __m256 decay = _mm256_set1_ps(h.decay), omb1 = _mm256_set1_ps(h.one_minus_b1),
+               omb2 = _mm256_set1_ps(h.one_minus_b2), b2 = _mm256_set1_ps(h.beta2), eps = _mm256_set1_ps(h.eps),
+               scale = _mm256_set1_ps(h.grad_scale), ss = _mm256_set1_ps(step_size), bc2 = _mm256_set1_ps(bc2_sqrt);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + i), scale);
+    const __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
+    const __m256 m0 = _mm256_loadu_ps(m + i);
+    const __m256 mi = _mm256_fmadd_ps(omb1, _mm256_sub_ps(gi, m0), m0);
+    __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(omb2, gi), gi, _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    if (h.amsgrad) {
+      const __m256 vm = _mm256_loadu_ps(vmax + i);
+      const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(vi, vi, _CMP_UNORD_Q), _mm256_cmp_ps(vm, vm, _CMP_UNORD_Q));
+      vi = _mm256_blendv_ps(_mm256_max_ps(vm, vi), _mm256_add_ps(vi, vm), nan);
+      _mm256_storeu_ps(vmax + i, vi);
+    }
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2), eps);
+    _mm256_storeu_ps(p + i, _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(ss, mi), denom)));
+  }
+  for (; i < n; ++i) adamw_scalar(p, g, m, v, vmax, i, h, step_size, bc2_sqrt);
+}
+#endif
+
+void adamw_core(float* p, const float* g, float* m, float* v, float* vmax, int64_t n, const Hyper& h,
+                float step_size, float bc2_sqrt) {
+#ifdef QK_HAVE_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) {
+    adamw_avx2(p, g, m, v, vmax, n, h, step_size, bc2_sqrt);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) adamw_scalar(p, g, m, v, vmax, i, h, step_size, bc2_sqrt);
 }
 
 QK_MULTIVERSION
@@ -65,7 +97,7 @@ void sumsq_core(const float* __restrict g, int64_t n, double* sumsq, double* bad
 #pragma omp simd reduction(+ : s, b)
   for (int64_t i = 0; i < n; ++i) {
     s += static_cast<double>(g[i]) * static_cast<double>(g[i]);
-    b += std::isfinite(g[i]) ? 0.0 : 1.0;
+    b += __builtin_isfinite(g[i]) ? 0.0 : 1.0;
   }
   *sumsq = s;
   *bad = b;

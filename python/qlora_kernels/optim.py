@@ -1,0 +1,266 @@
+"""FusedAdamW: a drop-in `torch.optim.AdamW` whose step is one Triton launch per param group (plus one for
+the gradient norm, clip and non-finite guard), with no host sync.
+
+Math: torch's AdamW in fp32 (qlora_kernels.reference.adamw), whatever the param dtype; states fp32.
+State layout: torch's (`step` 0-d fp32 tensor on the param's device, `exp_avg`, `exp_avg_sq`,
+`max_exp_avg_sq`), so state dicts load both ways.
+"""
+import torch
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import adamw as kernels
+from qlora_kernels.ops import adamw as ops
+from qlora_kernels.reference import adamw as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_hyper(lr, betas, eps, weight_decay):
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class _DevicePlan:
+    """Everything one step needs on one device, built once per set of (param, grad) addresses."""
+
+    def __init__(self, device, backend):
+        self.device, self.backend = device, backend
+        self.units = []       # (group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, UpdateTable)
+        self.grads, self.steps = [], []
+        self.prologue = None  # PrologueTable (triton)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW with a fused step.
+
+    Extra arguments:
+      max_grad_norm: clip the global L2 norm of all gradients to this value inside the step (same result as
+        `torch.nn.utils.clip_grad_norm_(params, max_grad_norm)` then the step); the norm (before clipping) is
+        kept on the device in `last_grad_norm`.
+      skip_nonfinite: if any gradient has a NaN/inf, skip the whole step on the device (params, states and
+        step counters unchanged) and count it in `skipped_steps` (device tensor).
+      bf16_stochastic_rounding: round bf16 params stochastically instead of to nearest even.
+      backend: force "triton", "cpu" (the C++ extension) or "reference" for every param (tests, benchmarks);
+        default: Triton on CUDA (and on CPU under TRITON_INTERPRET=1), else the extension.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 maximize=False, max_grad_norm=None, skip_nonfinite=True, bf16_stochastic_rounding=False, *,
+                 backend=None):
+        _check_hyper(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        self._plan_key, self._plan = None, None
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self.bf16_stochastic_rounding = bf16_stochastic_rounding
+        if backend is not None and backend not in _backend.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {_backend.BACKENDS}")
+        self._backend = backend
+        self.last_grad_norm = None
+        self._skipped = {}
+        self._seed = int(torch.randint(0, 2**30, ()))
+        self._host_steps = 0
+        first = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
+        self._primary = first
+
+    # -- torch.optim.Optimizer interface -------------------------------------------------------------------
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        self._plan_key = self._plan = None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+        self._plan_key = self._plan = None
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if key in state:
+                        state[key] = state[key].to(device=p.device, dtype=torch.float32).contiguous()
+        self._plan_key = self._plan = None
+
+    @property
+    def skipped_steps(self):
+        """Number of steps skipped for a non-finite gradient (int64 tensor on the first param's device)."""
+        if self._primary not in self._skipped:
+            self._skipped[self._primary] = torch.zeros((), dtype=torch.int64, device=self._primary)
+        return self._skipped[self._primary]
+
+    def _skipped_on(self, device):
+        if device not in self._skipped:
+            self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return self._skipped[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = self._plans()
+        if not plans:
+            return loss
+        self._host_steps += 1
+        guard = self.max_grad_norm is not None or self.skip_nonfinite
+        if len(plans) == 1:
+            plan = plans[0]
+            if plan.backend == "triton":
+                # no grad element at all: the prologue reads a zero sum instead of reducing
+                empty = plan.prologue.n_programs == 0
+                self._triton_step(plan, norm=guard, finalize=True, stats=ops.new_stats(plan.device, zero=empty))
+            else:
+                stats = ops.cpu_grad_stats(plan.grads) if guard else None
+                self._host_step(plan, stats)
+            return loss
+        # params on several devices: per-device sums, combined on the first device, then per-device steps
+        per_device = []
+        for plan in plans:
+            if plan.backend == "triton":
+                stats = ops.new_stats(plan.device, zero=True)
+                if guard:
+                    ops.launch_prologue(plan.prologue, stats, self._skipped_on(plan.device), norm=True,
+                                        finalize=False, max_grad_norm=None, skip_nonfinite=False)
+                per_device.append(stats)
+            else:
+                per_device.append(ops.cpu_grad_stats(plan.grads) if guard else None)
+        total = None
+        if guard:
+            total = sum(s[:2].to(device=plans[0].device, dtype=torch.float64) for s in per_device)
+        for plan, stats in zip(plans, per_device):
+            if plan.backend == "triton":
+                if guard:
+                    stats[:2].copy_(total)
+                self._triton_step(plan, norm=False, finalize=True, stats=stats)
+            else:
+                self._host_step(plan, total.cpu() if guard else None)
+        return loss
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _triton_step(self, plan, *, norm, finalize, stats):
+        clip = self.max_grad_norm is not None
+        ops.launch_prologue(plan.prologue, stats, self._skipped_on(plan.device), norm=norm, finalize=finalize,
+                            max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite)
+        for group, *_, table in plan.units:
+            beta1, beta2 = group["betas"]
+            ops.launch_update(table, stats, lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                              maximize=group["maximize"], clip=clip, skip_nonfinite=self.skip_nonfinite,
+                              stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed())
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            norm_t = stats[kernels.ST_NORM.value]
+            self.last_grad_norm = norm_t if plan.device == self._primary else norm_t.to(self._primary)
+
+    def _host_step(self, plan, stats):
+        """CPU without the interpreter: the extension (or the reference); values are on the host anyway."""
+        coef = None
+        if stats is not None:
+            norm, coef = ref.finalize(stats[0], self.max_grad_norm)
+            if plan.device == self._primary or self.last_grad_norm is None:
+                self.last_grad_norm = norm
+            if self.skip_nonfinite and float(stats[1]) > 0:
+                self._skipped_on(plan.device).add_(1)
+                return
+        for group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ in plan.units:
+            beta1, beta2 = group["betas"]
+            ops.cpu_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=_scalar(group["lr"]),
+                         beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=coef,
+                         stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(),
+                         use_native=plan.backend == "cpu")
+
+    def _step_seed(self):
+        return (self._seed + self._host_steps * 7919) % (2**31 - 1)
+
+    def _plans(self):
+        """Per-device plans, rebuilt only when a param or grad address changes (or a grad appears/vanishes)."""
+        try:
+            key = tuple(group["amsgrad"] for group in self.param_groups) + tuple(
+                (p.data_ptr(), p.grad.data_ptr()) if p.grad is not None else None
+                for group in self.param_groups for p in group["params"])
+        except RuntimeError:  # e.g. sparse grads have no data pointer: let the checks below say so
+            key = None
+        if key is None or key != self._plan_key:
+            self._plan = self._build_plans()
+            self._plan_key = key
+        return self._plan
+
+    def _build_plans(self):
+        plans = {}
+        for group in self.param_groups:
+            per_device = {}
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients, please consider SparseAdam "
+                                       "instead")
+                if p.dtype not in _DTYPES:
+                    raise TypeError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype}")
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError("FusedAdamW needs contiguous params and grads (got a strided one of shape "
+                                     f"{tuple(p.shape)})")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.contiguous_format)
+                if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                               memory_format=torch.contiguous_format)
+                per_device.setdefault(p.device, []).append((p, g, state))
+            for device, items in per_device.items():
+                if device not in plans:
+                    plans[device] = _DevicePlan(device, _backend.resolve_backend(items[0][0], self._backend))
+                plan = plans[device]
+                params = [p for p, _, _ in items]
+                grads = [g for _, g, _ in items]
+                exp_avgs = [s["exp_avg"] for _, _, s in items]
+                exp_avg_sqs = [s["exp_avg_sq"] for _, _, s in items]
+                max_sqs = [s["max_exp_avg_sq"] for _, _, s in items] if group["amsgrad"] else None
+                steps = [s["step"] for _, _, s in items]
+                for s in steps:
+                    if s.device != device or s.dtype != torch.float32:
+                        raise ValueError("FusedAdamW: state 'step' must be a float32 tensor on the param's device")
+                table = None
+                if plan.backend == "triton":
+                    table = ops.UpdateTable(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps)
+                plan.units.append((group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, table))
+                plan.grads += grads
+                plan.steps += steps
+        out = list(plans.values())
+        if self._primary in plans:  # the first param's device first: the norm is combined there
+            out.sort(key=lambda pl: pl.device != self._primary)
+        for plan in out:
+            if plan.backend == "triton":
+                plan.prologue = ops.PrologueTable(plan.grads, plan.steps, plan.device)
+        return out
+
+
+def _scalar(x):
+    return float(x) if isinstance(x, torch.Tensor) else x

@@ -1,0 +1,312 @@
+"""FusedAdamW against torch.optim.AdamW: Triton (interpreted on CPU, compiled on CUDA) and the C++ path."""
+import copy
+
+import pytest
+import torch
+
+from qlora_kernels import FusedAdamW
+from qlora_kernels import _backend
+from qlora_kernels.kernels import adamw as kernels
+from qlora_kernels.reference import adamw as ref
+from qlora_kernels.testing import CompileCase, assert_close, compile_for_gpu
+
+SHAPES = [(1,), (7,), (1000,), (64, 33)]
+# (device, backend): the Triton kernels (interpreted on CPU tensors in CI) and the C++ extension
+PATHS = ([("cpu", None)] if _backend.interpreting() else []) + \
+        ([("cpu", "cpu")] if _backend.native() is not None else []) + \
+        ([("cuda", None)] if torch.cuda.is_available() else [])
+PATH_IDS = [f"{d}-{b or 'triton'}" for d, b in PATHS]
+# fp32 params: ours rounds sqrt correctly where torch's vectorized CPU sqrt is off by 1 ulp now and then
+TOL = dict(atol=2e-6, rtol=2e-5)
+
+
+def _params(device, dtype=torch.float32, shapes=SHAPES, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _groups(params, **extra):
+    half = len(params) // 2
+    return [dict(params=params[:half], **extra),
+            dict(params=params[half:], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)]
+
+
+def _set_grads(step, *param_lists, none_every=3, scale=1.0):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for i, p0 in enumerate(param_lists[0]):
+        g = torch.randn(p0.shape, generator=gen) * scale
+        for params in param_lists:
+            missing = none_every and (step + i) % none_every == 0  # grads None on some steps
+            params[i].grad = None if missing else g.to(device=params[i].device, dtype=params[i].dtype)
+
+
+def _assert_same_state(ours, theirs, params_ours, params_theirs, tol=TOL):
+    for p, q in zip(params_ours, params_theirs):
+        assert_close(p.detach(), q.detach(), **tol, msg="param")
+        s, t = ours.state[p], theirs.state[q]
+        assert set(t) <= set(s), (set(s), set(t))
+        assert float(s["step"]) == float(t["step"])
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in t:
+                assert_close(s[key].float(), t[key].float(), **tol, msg=key)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("amsgrad,maximize,weight_decay", [(False, False, 1e-2), (True, False, 0.0),
+                                                           (False, True, 0.0), (True, True, 0.1)])
+def test_matches_torch_adamw(device, backend, amsgrad, maximize, weight_decay):
+    ours_p, torch_p = _params(device), _params(device)
+    kw = dict(lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    ours = FusedAdamW(_groups(ours_p), **kw, backend=backend)
+    theirs = torch.optim.AdamW(_groups(torch_p), **kw)
+    for step in range(55):
+        _set_grads(step, ours_p, torch_p)
+        ours.step()
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+    assert ours.state[ours_p[0]]["step"].dtype == torch.float32 and ours.state[ours_p[0]]["step"].dim() == 0
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_fp32_states(device, backend, dtype):
+    params = _params(device, dtype)
+    refs = [p.detach().clone() for p in params]
+    states = [(torch.zeros(p.shape, device=device), torch.zeros(p.shape, device=device),
+               torch.zeros((), device=device)) for p in params]
+    opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    for step in range(12):
+        _set_grads(step, params, none_every=0)
+        opt.step()
+        ref.adamw_step(refs, [p.grad for p in params], [s[0] for s in states], [s[1] for s in states], None,
+                       [s[2] for s in states], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    for p, r, (m, v, _) in zip(params, refs, states):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert_close(opt.state[p]["exp_avg"], m, **TOL, msg="exp_avg")
+        # one rounding of the fp32 result: at most 1 ulp apart where the fp32 values straddle a tie
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+        assert_close(p.detach(), r, atol=1e-6, rtol=ulp, msg=str(dtype))
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_bf16_stochastic_rounding(device, backend):
+    n = 1 << 15
+    p = torch.ones(n, dtype=torch.bfloat16, device=device, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    # first Adam step moves every element by -lr: 1 - 1e-3 is below half a bf16 ulp away from 1.0
+    opt = FusedAdamW([p], lr=1e-3, weight_decay=0.0, backend=backend, bf16_stochastic_rounding=True)
+    opt.step()
+    below = torch.tensor(1.0 - 2.0 ** -8, dtype=torch.bfloat16)
+    values = p.detach().cpu()
+    assert bool(((values == 1.0) | (values == below)).all())
+    assert abs(values.float().mean().item() - (1.0 - 1e-3)) < 3e-4
+    q = torch.ones(n, dtype=torch.bfloat16, device=device, requires_grad=True)
+    q.grad = torch.ones_like(q)
+    FusedAdamW([q], lr=1e-3, weight_decay=0.0, backend=backend).step()
+    assert bool((q.detach() == 1.0).all())  # nearest even: every element stays
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_state_dict_both_ways_and_resume(device, backend):
+    kw = dict(lr=1e-2, weight_decay=0.05, amsgrad=True)
+    torch_p, ours_p = _params(device), _params(device)
+    theirs = torch.optim.AdamW(_groups(torch_p), **kw)
+    ours = FusedAdamW(_groups(ours_p), **kw, backend=backend)
+    for step in range(6):
+        _set_grads(step, torch_p, ours_p)
+        theirs.step()
+    with torch.no_grad():
+        for p, q in zip(ours_p, torch_p):
+            p.copy_(q)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # torch -> ours (deepcopy: torch aliases)
+    for step in range(6, 12):
+        _set_grads(step, torch_p, ours_p)
+        theirs.step()
+        ours.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+
+    back_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    back = torch.optim.AdamW(_groups(back_p), **kw)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # ours -> torch
+    assert set(ours.state_dict()["state"][0]) == set(theirs.state_dict()["state"][0])
+    # checkpoint / resume: a fresh FusedAdamW from our state dict follows the same trajectory bit for bit
+    resumed_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    resumed = FusedAdamW(_groups(resumed_p), **kw, backend=backend)
+    resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for step in range(12, 18):
+        _set_grads(step, ours_p, back_p, resumed_p)
+        ours.step()
+        back.step()
+        resumed.step()
+    _assert_same_state(ours, back, ours_p, back_p)
+    for p, q in zip(ours_p, resumed_p):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("max_norm", [0.3, 1e3])
+def test_max_grad_norm_equals_clip_then_step(device, backend, max_norm):
+    ours_p, torch_p = _params(device), _params(device)
+    ours = FusedAdamW(_groups(ours_p), lr=1e-2, max_grad_norm=max_norm, backend=backend)
+    theirs = torch.optim.AdamW(_groups(torch_p), lr=1e-2)
+    for step in range(20):
+        _set_grads(step, ours_p, torch_p, scale=float(step % 4))  # a zero-gradient step too
+        ours.step()
+        total = torch.nn.utils.clip_grad_norm_(torch_p, max_norm)
+        theirs.step()
+        assert ours.last_grad_norm.device.type == device
+        assert_close(ours.last_grad_norm, total, atol=1e-6, rtol=1e-6, msg="norm")
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_the_whole_step(device, backend, bad):
+    ours_p, torch_p = _params(device), _params(device)
+    ours = FusedAdamW(_groups(ours_p), lr=1e-2, max_grad_norm=1.0, backend=backend)
+    theirs = torch.optim.AdamW(_groups(torch_p), lr=1e-2)
+    for step in range(3):
+        _set_grads(step, ours_p, torch_p, none_every=0)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(torch_p, 1.0)
+        theirs.step()
+    before = copy.deepcopy(ours.state_dict())
+    params_before = [p.detach().clone() for p in ours_p]
+    _set_grads(3, ours_p, none_every=0)
+    ours_p[-1].grad[5, 7] = bad
+    ours.step()
+    assert int(ours.skipped_steps) == 1 and ours.skipped_steps.device.type == device
+    assert not torch.isfinite(ours.last_grad_norm)
+    for p, q in zip(ours_p, params_before):
+        assert torch.equal(p.detach(), q)
+    after = ours.state_dict()["state"]
+    for i, st in before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after[i][key], value), key
+    for step in range(4, 7):  # training goes on as if the bad step never happened
+        _set_grads(step, ours_p, torch_p, none_every=0)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(torch_p, 1.0)
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+    assert int(ours.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_scheduler_closure_zero_grad(device, backend):
+    model_a = torch.nn.Linear(13, 5).to(device)
+    model_b = copy.deepcopy(model_a)
+    ours = FusedAdamW(model_a.parameters(), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(model_b.parameters(), lr=1e-2)
+    sched_a = torch.optim.lr_scheduler.StepLR(ours, step_size=3, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(theirs, step_size=3, gamma=0.5)
+    x = torch.randn(16, 13, device=device)
+    for _ in range(8):
+        for model, opt, sched in ((model_a, ours, sched_a), (model_b, theirs, sched_b)):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                loss.backward()
+                return loss
+            loss = opt.step(closure)
+            assert loss is not None
+            sched.step()
+    assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert_close(p.detach(), q.detach(), **TOL)
+    ours.zero_grad()
+    assert all(p.grad is None for p in model_a.parameters())
+    ours.step()  # no grads: nothing happens
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_empty_tensors(device, backend):
+    only_empty = torch.zeros(0, device=device, requires_grad=True)
+    only_empty.grad = torch.zeros(0, device=device)
+    opt = FusedAdamW([only_empty], max_grad_norm=1.0, backend=backend)
+    opt.step()
+    assert float(opt.last_grad_norm) == 0.0 and int(opt.skipped_steps) == 0
+    ours_p, torch_p = _params(device, shapes=[(0,), (5,)]), _params(device, shapes=[(0,), (5,)])
+    ours, theirs = FusedAdamW(ours_p, lr=0.1, backend=backend), torch.optim.AdamW(torch_p, lr=0.1)
+    for step in range(3):
+        _set_grads(step, ours_p, torch_p, none_every=0)
+        ours.step()
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+
+
+def test_bad_input():
+    p = torch.zeros(3, requires_grad=True)
+    for kwargs, msg in [(dict(lr=-1.0), "learning rate"), (dict(eps=-1e-8), "epsilon"),
+                        (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+                        (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+                        (dict(weight_decay=-0.1), "weight_decay"), (dict(max_grad_norm=0.0), "max_grad_norm")]:
+        with pytest.raises(ValueError, match=msg):
+            FusedAdamW([p], **kwargs)
+        if "max_grad_norm" not in kwargs:
+            with pytest.raises(ValueError, match=msg):
+                torch.optim.AdamW([p], **kwargs)
+    opt = FusedAdamW([p])
+    with pytest.raises(ValueError, match="beta"):
+        opt.add_param_group(dict(params=[torch.zeros(2, requires_grad=True)], betas=(0.9, 1.5)))
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        FusedAdamW(emb.parameters()).step()
+
+
+@pytest.mark.skipif(not (_backend.interpreting() and _backend.native() is not None),
+                    reason="needs the interpreter and the extension")
+def test_cpp_path_equals_triton_path():
+    """Both compute the recipe with IEEE sqrt/div and true fmas: the same bits."""
+    a, b = _params("cpu"), _params("cpu")
+    opt_a = FusedAdamW(_groups(a), lr=1e-2, amsgrad=True, max_grad_norm=0.5)
+    opt_b = FusedAdamW(_groups(b), lr=1e-2, amsgrad=True, max_grad_norm=0.5, backend="cpu")
+    for step in range(10):
+        _set_grads(step, a, b)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert_close(p.detach(), q.detach(), atol=0, rtol=3e-7)
+
+
+@pytest.mark.cuda
+def test_mixed_devices_per_device():
+    cpu_p, cuda_p = _params("cpu", shapes=SHAPES[:2]), _params("cuda", shapes=SHAPES[2:])
+    mixed = cpu_p + cuda_p
+    ref_p = [p.detach().cpu().clone().requires_grad_() for p in mixed]
+    ours = FusedAdamW(mixed, lr=1e-2, max_grad_norm=0.5)
+    theirs = torch.optim.AdamW(ref_p, lr=1e-2)
+    for step in range(5):
+        _set_grads(step, mixed, ref_p, none_every=0)
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(ref_p, 0.5)
+        theirs.step()
+    for p, q in zip(mixed, ref_p):
+        assert_close(p.detach().cpu(), q.detach(), **TOL)
+
+
+def _compile_cases():
+    upd_sig = {"meta": "*i64", "chunks": "*i32", "n_tensors": "i32", "stats": "*fp32", "lr": "fp64",
+               "beta1": "fp64", "beta2": "fp64", "eps": "fp32", "weight_decay": "fp64", "seed": "i32"}
+    pro_sig = {"gmeta": "*i64", "chunks": "*i32", "n_tensors": "i32", "partials": "*fp32", "ticket": "*i32",
+               "stats": "*fp32", "step_addrs": "*i64", "n_steps": "i32", "skipped": "*i64", "max_norm": "fp32"}
+    cases = []
+    for flag in (False, True):  # the lightest and the heaviest variant
+        ce = dict(AMSGRAD=flag, MAXIMIZE=flag, CLIP=flag, SKIP=flag, STOCHASTIC=flag, BLOCK=kernels.UPDATE_BLOCK)
+        cases.append(CompileCase("qlora_kernels.kernels.adamw", "adamw_update_kernel",
+                                 {**upd_sig, **dict.fromkeys(ce, "constexpr")}, ce, num_warps=kernels.UPDATE_WARPS))
+    for norm in (True, False):
+        ce = dict(NORM=norm, FINALIZE=True, CLIP=True, SKIP=True, BLOCK=kernels.NORM_BLOCK,
+                  RBLOCK=kernels.REDUCE_BLOCK)
+        cases.append(CompileCase("qlora_kernels.kernels.adamw", "adamw_prologue_kernel",
+                                 {**pro_sig, **dict.fromkeys(ce, "constexpr")}, ce, num_warps=kernels.NORM_WARPS))
+    return cases
+
+
+def test_compiles_for_gpu_without_spills():
+    reports = compile_for_gpu(_compile_cases(), archs=(80, 90))
+    for r in reports:
+        assert r["local"] == 0 and r["stack"] == 0, r
+        assert r["shared"] < 227 * 1024, r
+        assert 0 < r["registers"] <= 128, r  # keeps >= 2 blocks of 8 warps per SM for bandwidth
