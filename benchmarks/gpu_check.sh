@@ -20,8 +20,10 @@ stage() { echo "== $(date +%T) $*"; }
   fi
   python -c "import bitsandbytes, liger_kernel; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
   stage "build (sm_90 only)"
-  QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q --no-build-isolation --no-deps -e . \
-    || echo "BUILD FAILED"
+  # a plain --target install (an editable one was seen not to import on that machine)
+  QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q --no-build-isolation --no-deps \
+    --target "$HOME/qk" . || echo "BUILD FAILED"
+  export PYTHONPATH="$HOME/qk:${PYTHONPATH:-}"
   python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"
   stage "tests on CUDA"
   timeout 110 python -m pytest tests -q -x -m "not slow" -p no:cacheprovider 2>&1 | tail -25
