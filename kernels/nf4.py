@@ -75,7 +75,11 @@ def nf4_quantize_kernel(x_ptr, midpoints_ptr, packed_ptr, absmax_ptr, n, nblocks
     absmax = tl.where(has_nan, float("nan"), absmax)
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
     # IEEE division (div.rn), as bitsandbytes and the C++ path: "/" would lower to the 2-ulp div.full
-    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.maximum(absmax, 1e-38))[:, None]
+    # (1e-38 is subnormal in fp32: triton 3.6 types a bare 1e-38 as fp64, so build the fp32 constant)
+    floor = tl.full((ROWS,), 1e-38, tl.float32)
+    inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.maximum(absmax, floor))
+    # an all-zero block scales to 0 (code 7) even where the GPU flushes the subnormal floor to zero
+    inv = tl.where(absmax > 0, inv, 0.0)[:, None]
     s_even = x_even * inv
     s_odd = x_odd * inv
     c_even = tl.zeros((ROWS, BLOCKSIZE // 2), tl.int32)

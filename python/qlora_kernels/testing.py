@@ -2,21 +2,26 @@
 for real GPU targets (sm_80 / sm_90) that needs no GPU.
 
 The interpreter cannot show register spills, shared-memory overflow or missed tensor-core paths;
-compiling the kernel for the target and reading the cubin's resource usage and SASS does.
+compiling the kernel for the target and reading the cubin's resource usage and SASS does. The GPU machine
+runs an older triton (3.6) than CI: QLORA_KERNELS_COMPILE_PYTHONS names other Python interpreters (with
+only triton installed) that compile the same kernels too.
 """
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
-import torch
+KERNELS_PACKAGE = "qlora_kernels.kernels"
 
 
 def assert_close(actual, expected, *, atol, rtol, msg=""):
     """torch.testing-style closeness check whose message gives the worst element and its index."""
+    import torch
+
     if actual.shape != expected.shape:
         raise AssertionError(f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
@@ -61,7 +66,7 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(case.module), case.kernel)
+    fn = getattr(_kernel_module(case.module), case.kernel)
     src = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
@@ -89,10 +94,38 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
     finally:
         os.remove(ptx_path)
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", verbose))
-    return {"label": case.label(), "arch": arch, "registers": int(fields.get("REG", -1)),
+    return {"label": case.label(), "arch": arch, "triton": triton.__version__, "registers": int(fields.get("REG", -1)),
             "spill_bytes": spills, "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
             "shared": int(compiled.metadata.shared),
             "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")}
+
+
+def _kernel_module(name):
+    """Import a kernels module; in a child process without the package (another triton, no torch), load
+    kernels/ from its folder as a stand-alone package (its modules import only triton and each other)."""
+    if not name.startswith(KERNELS_PACKAGE + ".") or os.environ.get("QLORA_KERNELS_DIR") is None:
+        return importlib.import_module(name)
+    alias = "_qlora_kernels_kernels"
+    if alias not in sys.modules:
+        folder = os.environ["QLORA_KERNELS_DIR"]
+        spec = importlib.util.spec_from_file_location(alias, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        sys.modules[alias] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[alias])
+    return importlib.import_module(alias + name[len(KERNELS_PACKAGE):])
+
+
+def _compile_in_child(python, cases, archs, standalone):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if standalone:
+        env["QLORA_KERNELS_DIR"] = os.path.dirname(importlib.util.find_spec(KERNELS_PACKAGE).origin)
+    payload = json.dumps({"cases": [dataclasses.asdict(c) for c in cases], "archs": list(archs)})
+    proc = subprocess.run([python, os.path.abspath(__file__)], input=payload, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"GPU compile failed with {python}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def compile_for_gpu(cases, archs=(80, 90)) -> list:
@@ -103,15 +136,12 @@ def compile_for_gpu(cases, archs=(80, 90)) -> list:
     in a child process without it.
     """
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return [_compile_here(c, a) for c in cases for a in archs]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    payload = json.dumps({"cases": [dataclasses.asdict(c) for c in cases], "archs": list(archs)})
-    proc = subprocess.run([sys.executable, "-m", "qlora_kernels.testing"], input=payload, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"GPU compile failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        reports = [_compile_here(c, a) for c in cases for a in archs]
+    else:
+        reports = _compile_in_child(sys.executable, cases, archs, standalone=False)
+    for python in filter(None, os.environ.get("QLORA_KERNELS_COMPILE_PYTHONS", "").split(os.pathsep)):
+        reports += _compile_in_child(python, cases, archs, standalone=True)
+    return reports
 
 
 if __name__ == "__main__":
