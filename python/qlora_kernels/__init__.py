@@ -2,7 +2,13 @@
 from qlora_kernels._backend import backend_for
 from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.ops.nf4 import dequantize_nf4, quantize_nf4
+from qlora_kernels.ops.nf4_lora_linear import nf4_lora_linear
+from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from qlora_kernels import nn
+from qlora_kernels import optim
+from qlora_kernels.optim import FusedAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "backend_for", "dequantize_nf4", "quantize_nf4"]
+__all__ = ["NF4Weight", "backend_for", "dequantize_nf4", "quantize_nf4", "nf4_lora_linear", "nn", "optim", "FusedAdamW",
+           "fused_cross_entropy", "fused_linear_cross_entropy"]

@@ -1,0 +1,130 @@
+"""NF4 + LoRA linear: ours vs plain torch (reference), bitsandbytes + PEFT-style LoRA, and a bare bf16 cuBLAS
+F.linear of the same base shape (the ceiling). Forward and forward+backward; time, TFLOP/s, fraction of the
+card's ceiling (bf16 dense FLOP/s, or copy bandwidth on the 4-bit weight bytes for decode), peak memory.
+
+    python -m benchmarks.bench_nf4_lora_linear [--quick]
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from qlora_kernels import nf4_lora_linear
+from qlora_kernels.ops.nf4 import quantize_nf4
+from qlora_kernels.reference import nf4_lora_linear as ref
+
+# (M, N, K, r): decode, small batch and training tokens on Llama-3.1-8B q/o (4096, 4096) and gate/up
+# (14336, 4096) at the lite recipe's r = 32, plus the full recipe's r = 256 (workload.md)
+GPU_SHAPES = [(1, 4096, 4096, 32), (1, 14336, 4096, 32), (16, 4096, 4096, 32), (16, 14336, 4096, 32),
+              (4096, 4096, 4096, 32), (4096, 14336, 4096, 32), (4096, 4096, 4096, 256)]
+QUICK_SHAPES = [(64, 256, 256, 8)]
+TRAIN_M = 512          # forward+backward only from here (decode has no backward)
+
+
+def weight_bytes(N, K, blocksize=64):
+    return N * K / 2 + N * K / blocksize + 4 * math.ceil(N * K / blocksize / 256)
+
+
+def flops(M, N, K, r, mode):
+    fwd = 2 * M * N * K + 2 * M * r * (K + N)
+    # backward: dx = dy @ W (2MNK) + LoRA (g = dy @ B, g @ A: 2Mr(N + K)), dA (2MrK), dB (2MrN)
+    return fwd if mode == "fwd" else fwd + 2 * M * N * K + 4 * M * r * (N + K)
+
+
+def make(M, N, K, r, device, dtype):
+    w = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
+    qw = quantize_nf4(w, 64, True, backend="reference")  # the format, independent of the quantize kernels
+    return {"qw": qw, "w": w, "x": torch.randn(M, K, device=device, dtype=dtype),
+            "A": torch.randn(r, K, device=device) / math.sqrt(K), "B": torch.randn(N, r, device=device) * 0.01,
+            "scaling": 2.0, "p": 0.1}
+
+
+def providers(d):
+    """name -> fn(x, A, B) -> y; each forward as its stack runs it (dropout 0.1 on the LoRA branch)."""
+    qw, w, scaling, p = d["qw"], d["w"], d["scaling"], d["p"]
+    out = {
+        "ours": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
+        "torch_ref": lambda x, A, B: ref.nf4_lora_linear(
+            x, qw, A, B, scaling, keep=torch.rand_like(x, dtype=torch.float32) >= p, dropout_p=p,
+            upcast=False).to(x.dtype),
+        # the ceiling: the base GEMM alone on an already-dense bf16 weight (no dequant, no LoRA)
+        "cublas_bf16": lambda x, A, B: F.linear(x, w),
+    }
+    try:
+        import bitsandbytes.functional as bnbf
+
+        packed, qs = qw.to_bnb()
+
+        def bnb_peft(x, A, B):
+            # PEFT's bnb Linear4bit: dequantize_4bit + F.linear, then lora_B(lora_A(dropout(x))) * scaling in
+            # the LoRA weights' dtype (fp32 by default), cast back and added
+            result = F.linear(x, bnbf.dequantize_4bit(packed, qs).to(x.dtype))
+            xl = F.dropout(x.to(A.dtype), p, training=True)
+            return result + (F.linear(F.linear(xl, A), B) * scaling).to(x.dtype)
+        out["bnb_peft"] = bnb_peft
+    except Exception as err:  # bitsandbytes missing or not built for this machine
+        print(f"bitsandbytes + PEFT skipped: {err}")
+    return out
+
+
+def run_one(fn, d, mode):
+    x = d["x"].detach().requires_grad_(mode == "fwd+bwd")
+    A = d["A"].detach().requires_grad_(mode == "fwd+bwd")
+    B = d["B"].detach().requires_grad_(mode == "fwd+bwd")
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x, A, B)
+    else:
+        dy = torch.randn(x.shape[0], d["qw"].shape[0], device=x.device, dtype=x.dtype)
+
+        def step():
+            x.grad = A.grad = B.grad = None
+            fn(x, A, B).backward(dy)
+    return harness.time_ms(step), harness.peak_memory_mb(step)
+
+
+def main():
+    args = harness.parse_args(__doc__.splitlines()[0])
+    device = harness.device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = QUICK_SHAPES if args.quick or device != "cuda" else GPU_SHAPES
+    bw = harness.copy_bandwidth_gbs()
+    rows = []
+    for M, N, K, r in shapes:
+        d = make(M, N, K, r, device, dtype)
+        fns = providers(d)
+        for mode in ("fwd", "fwd+bwd") if M >= TRAIN_M or device != "cuda" else ("fwd",):
+            base = None
+            for name, fn in fns.items():
+                ms, mem = run_one(fn, d, mode)
+                fl = flops(M, N, K, r, mode) if name != "cublas_bf16" else \
+                    (2 if mode == "fwd" else 4) * M * N * K
+                row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": name, "ms": ms,
+                       "TFLOP/s": fl / ms / 1e9, "peak_MB": mem}
+                if M <= 16:
+                    gbs = weight_bytes(N, K) / ms / 1e6
+                    row["weight_GB/s"] = gbs
+                    row["frac_ceiling"] = gbs / bw if (bw and name == "ours") else None
+                else:
+                    row["frac_ceiling"] = fl / ms / 1e9 / harness.BF16_DENSE_TFLOPS
+                if name == "ours":
+                    base = ms
+                rows.append(row)
+            for row in rows:
+                if row["M"] == M and row["N"] == N and row["K"] == K and row["r"] == r and row["mode"] == mode:
+                    row["ours_speedup"] = row["ms"] / base if base else None
+        del d, fns
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    harness.write_results("nf4_lora_linear", rows, args,
+                          notes="ours_speedup = provider ms / ours ms (>1: ours faster). cublas_bf16 is the "
+                                "bare base GEMM on a dense bf16 weight (fwd+bwd: y and dx only): the ceiling. "
+                                "Dropout 0.1 on the LoRA branch for every provider but cublas_bf16. frac_ceiling: "
+                                f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
+                                "on the 4-bit weight bytes.")
+
+
+if __name__ == "__main__":
+    main()

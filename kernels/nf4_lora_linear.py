@@ -1,0 +1,273 @@
+"""Triton kernels: NF4 dequant-GEMM with the LoRA branch fused in (forward and input gradient).
+
+y  = x @ dequant(W).T + xa @ B.T (+ bias),        xa = (scaling / (1 - p)) * (keep * x) @ A.T   (pre-pass)
+dx = dy @ dequant(W) + keep * (g @ A),            g  = (scaling / (1 - p)) * dy @ B             (host GEMM)
+
+W is NF4 in bitsandbytes' layout (see qlora_kernels.reference.nf4): tiles are dequantized in registers and
+fed to tl.dot, never written to memory. The dropout keep-mask of element (m, k) of the 2-D x is stream
+(m * K + k) % 4 of `tl.rand4x(seed, (m * K + k) // 4)` (Philox) compared with p (`keep_mask`), regenerated
+wherever it is needed (forward pre-pass, dx epilogue, dA) and never stored.
+
+COMPUTE_F32 (host: interpreter, or fp32 x) makes every tl.dot operand fp32 with IEEE precision: the
+interpreter's bf16 arithmetic is broken, and fp32 inputs must not silently drop to TF32. Otherwise the
+operands are cast to x's dtype (bf16 / fp16 tensor cores) and accumulated in fp32.
+"""
+import triton
+import triton.language as tl
+
+from .nf4 import round_to_bf16_bits
+
+# --- configs ---------------------------------------------------------------------------------------
+# Compiled for sm_80 / sm_90 in tests/test_nf4_lora_linear.py (registers, spills, shared, HGMMA).
+# Register budget decides the tiles: dequantizing a (BN, BK) weight tile in registers (select tree, scales,
+# masks) sits beside the fp32 accumulator (64 regs/thread for 128 x 128 at 8 warps). BK = 32 is the widest
+# K-step with no spill at 128 x 128 (BK = 64 spills 80 bytes, 128 x 256 and 256 x 128 spill hundreds).
+# Weight bytes per FLOP depend only on BM; the LoRA term runs before the K-loop into the same accumulator.
+# Forward, M > 16 (training): 8 warps = two warpgroups of wgmma; 3-4 stages of (x tile + packed tile).
+FWD_CONFIGS = [
+    dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=64, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=4),
+]
+# Forward, M <= 16 (decode): bandwidth-bound on the packed weight. M padded to one 16-row MMA (mma.sync;
+# wgmma needs 64 rows); narrow N tiles give N / BN programs (>= 128 for N >= 4096), each streaming rows of
+# packed bytes with 4 stages in flight.
+FWD_SMALL_M_CONFIGS = [
+    dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+]
+# Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN.
+DX_CONFIGS = [
+    dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=3),
+]
+# Interpreter: one big tile (cost follows the number of programs; multi-config autotune cannot run there).
+INTERPRET_FWD = dict(BM=128, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=1)
+INTERPRET_FWD_SMALL_M = dict(BM=16, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=1)
+INTERPRET_DX = dict(BM=128, BK=128, BN=128, GROUP_M=1, num_warps=4, num_stages=1)
+# LoRA down-projection pre-pass (M x r output, r padded to BR <= 256 so x is read once).
+LORA_DOWN_BM, LORA_DOWN_BK = 64, 64
+INTERPRET_LORA_DOWN_BM, INTERPRET_LORA_DOWN_BK = 128, 128
+DX_LORA_BR, INTERPRET_DX_LORA_BR = 32, 128    # r chunk of the dx LoRA dot (r padded to >= 16)
+DROPOUT_BLOCK = 4096
+INTERPRET_DROPOUT_BLOCK = 65536
+
+
+def lora_down_num_warps(br):
+    return 4 if br <= 32 else 8   # BR = 64 at 4 warps spills (philox + x + A tiles)
+
+
+@triton.jit
+def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Grouped program order (GROUP_M row-tiles share each column of weight tiles in L2)."""
+    width = GROUP_M * n_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def nf4_value(i):
+    """NF4 code value (fp32, exact) of 4-bit indices `i` (int32) by a 4-level select tree on their bits.
+
+    No memory gather: a 16-entry table read with tl.load(code + i) per element ran the fused GEMM at
+    ~41 TFLOP/s on an H100 (vs ~200-300 with in-register arithmetic); selects stay in registers.
+    """
+    b0 = (i & 1) != 0
+    b1 = (i & 2) != 0
+    b2 = (i & 4) != 0
+    a0 = tl.where(b0, -0.6961928009986877, -1.0)
+    a1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+    a2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+    a3 = tl.where(b0, 0.0, -0.09105003625154495)
+    a4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+    a5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+    a6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+    a7 = tl.where(b0, 1.0, 0.7229568362236023)
+    c0 = tl.where(b1, a1, a0)
+    c1 = tl.where(b1, a3, a2)
+    c2 = tl.where(b1, a5, a4)
+    c3 = tl.where(b1, a7, a6)
+    d0 = tl.where(b2, c1, c0)
+    d1 = tl.where(b2, c3, c2)
+    return tl.where((i & 8) != 0, d1, d0)
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, K,
+             ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """fp32 W[rows, col0 : col0 + COLS] of an (n_rows, K) NF4 weight with K % BLOCKSIZE == 0; absmax holds the
+    fp32 block scales (the launcher decodes double quant once per call: nblocks * 4 bytes).
+
+    COLS <= BLOCKSIZE: one scale per row; otherwise COLS // BLOCKSIZE scales per row. Rows >= n_rows and
+    columns >= K come back finite (callers mask the other operand or the store).
+    """
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    if COLS <= BLOCKSIZE:
+        half = tl.arange(0, COLS // 2)
+        b = tl.load(packed_ptr + rows64[:, None] * (K // 2) + (col0 // 2 + half)[None, :],
+                    mask=rmask[:, None], other=0)
+        scale = tl.load(absmax_ptr + (rows64 * K + col0) // BLOCKSIZE, mask=rmask, other=0.0)[:, None]
+        hi = nf4_value((b >> 4).to(tl.int32)) * scale
+        lo = nf4_value((b & 0xF).to(tl.int32)) * scale
+        return tl.interleave(hi, lo)
+    else:
+        G: tl.constexpr = COLS // BLOCKSIZE
+        g = tl.arange(0, G)
+        j = tl.arange(0, BLOCKSIZE // 2)
+        gmask = rmask[:, None] & ((col0 + g * BLOCKSIZE) < K)[None, :]
+        byte = rows64[:, None, None] * (K // 2) + (col0 // 2 + g * (BLOCKSIZE // 2))[None, :, None] + j[None, None, :]
+        b = tl.load(packed_ptr + byte, mask=gmask[:, :, None], other=0)
+        block = (rows64 * K + col0)[:, None] // BLOCKSIZE + g[None, :]
+        scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)[:, :, None]
+        hi = nf4_value((b >> 4).to(tl.int32)) * scale
+        lo = nf4_value((b & 0xF).to(tl.int32)) * scale
+        return tl.reshape(tl.interleave(hi, lo), (ROWS, COLS))
+
+
+@triton.jit
+def keep_mask(seed, quad, p):
+    """Dropout keep-mask of 4 * quad.shape consecutive elements (last axis): element 4 * q + i uses stream i
+    of Philox at offset q (one Philox call per 4 elements). Offsets: q = (m * K + k) // 4 (K % 4 == 0)."""
+    r0, r1, r2, r3 = tl.rand4x(seed, quad)
+    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)) >= p
+
+
+@triton.jit
+def _store_out(out_ptr, offs, mask, acc, OUT_BF16_BITS: tl.constexpr):
+    if OUT_BF16_BITS:   # interpreter: out_ptr is an int16 view of bf16, round to nearest even here
+        tl.store(out_ptr + offs, round_to_bf16_bits(acc), mask=mask)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+                        M, N, K, R, stride_xm, stride_xk, stride_bn, stride_br,
+                        BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        COMPUTE_F32: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """y (M, N) = x @ dequant(W).T + xa @ B.T + bias; xa (M, R) contiguous, y contiguous.
+    The LoRA term runs first, as K-steps of width BK over r, into the same accumulator."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BM, BN), tl.float32)
+    if HAS_LORA:   # first: the main loop then runs with only the accumulator live
+        for r0 in range(0, R, BK):
+            rr = r0 + tl.arange(0, BK)
+            rmask = rr < R
+            xa = tl.load(xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                         other=0.0)
+            bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                         mask=(rn < N)[:, None] & rmask[None, :], other=0.0)
+            if COMPUTE_F32:
+                acc = tl.dot(xa.to(tl.float32), tl.trans(bt.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa.to(x_ptr.dtype.element_ty), tl.trans(bt.to(x_ptr.dtype.element_ty)), acc)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
+        w = nf4_tile(packed_ptr, absmax_ptr, rn, k0, N, K,
+                     BN, BK, BLOCKSIZE)
+        if COMPUTE_F32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    _store_out(y_ptr, rm.to(tl.int64)[:, None] * N + rn[None, :], mmask[:, None] & (rn < N)[None, :], acc,
+               OUT_BF16_BITS)
+
+
+@triton.jit
+def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, dx_ptr,
+                       M, N, K, R, stride_dym, stride_dyn, stride_ar, stride_ak, p,
+                       BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       COMPUTE_F32: tl.constexpr,
+                       OUT_BF16_BITS: tl.constexpr, BR: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """dx (M, K) = dy @ dequant(W) + keep * (g @ A); g (M, R) contiguous, dx contiguous.
+
+    The weight is read as (BN, BK) tiles along out_features: the same dequantization, other orientation.
+    """
+    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    mmask = rm < M
+    kmask = rk < K
+    dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
+    acc = tl.zeros((BM, BK), tl.float32)
+    if HAS_LORA:   # first, so that one accumulator is live: keep * (g @ A), then += dy @ W
+        for r0 in range(0, R, BR):
+            rr = r0 + tl.arange(0, BR)
+            rmask = rr < R
+            g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if COMPUTE_F32:
+                acc = tl.dot(g.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(g.to(dy_ptr.dtype.element_ty), a.to(dy_ptr.dtype.element_ty), acc)
+        if HAS_DROPOUT:
+            quad = rm[:, None] * (K // 4) + (pid_k * (BK // 4) + tl.arange(0, BK // 4))[None, :]
+            acc = tl.where(keep_mask(tl.load(seed_ptr), quad, p), acc, 0.0)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        dy = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mmask[:, None] & (rn < N)[None, :], other=0.0)
+        w = nf4_tile(packed_ptr, absmax_ptr, rn, pid_k * BK, N, K,
+                     BN, BK, BLOCKSIZE)
+        if COMPUTE_F32:
+            acc = tl.dot(dy.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc)
+    _store_out(dx_ptr, rm.to(tl.int64)[:, None] * K + rk[None, :], mmask[:, None] & kmask[None, :], acc,
+               OUT_BF16_BITS)
+
+
+@triton.jit
+def lora_down_kernel(x_ptr, a_ptr, seed_ptr, xa_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+                     scale, p, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+                     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """xa (M, R) = scale * (keep * x) @ A.T (fp32 accumulate, stored in xa's dtype), scale = scaling / (1 - p)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.program_id(1) * BR + tl.arange(0, BR)
+    mmask = rm < M
+    rmask = rr < R
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BM, BR), tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
+        if HAS_DROPOUT:
+            quad = rm[:, None] * (K // 4) + (k0 // 4 + tl.arange(0, BK // 4))[None, :]
+            x = tl.where(keep_mask(seed, quad, p), x.to(tl.float32), 0.0)
+        a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+                    mask=rmask[None, :] & (rk < K)[:, None], other=0.0)
+        if COMPUTE_F32:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc)
+    tl.store(xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], (acc * scale).to(xa_ptr.dtype.element_ty),
+             mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def dropout_keep_kernel(x_ptr, seed_ptr, out_ptr, n, K, p, BLOCK: tl.constexpr):
+    """out = where(keep, x, 0) for a contiguous (n // K, K) x: the unscaled dropped input, same mask."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # quad = flat index // 4 == m * (K // 4) + k // 4 as in the GEMM kernels (int32 there too)
+    quad = (tl.program_id(0) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+    keep = keep_mask(tl.load(seed_ptr), quad, p)
+    tl.store(out_ptr + offs, tl.where(keep, x, 0.0).to(out_ptr.dtype.element_ty), mask=mask)

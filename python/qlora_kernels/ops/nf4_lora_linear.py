@@ -1,0 +1,354 @@
+"""NF4 linear with a LoRA adapter: `y = x @ dequant(W).T + scaling * (dropout(x) @ A.T) @ B.T + bias`.
+
+Paths:
+- "triton" (CUDA, or CPU under TRITON_INTERPRET=1): the fused kernels of qlora_kernels.kernels.nf4_lora_linear;
+  the NF4 weight is dequantized tile by tile in registers, forward and backward, never into memory.
+- "torch" (CPU with the extension or the reference, and the fallback when in_features % blocksize != 0):
+  dequantize (extension / reference / Triton), then torch matmuls; the dense weight is transient, recomputed
+  in backward, never saved.
+
+Both are wrapped in torch.library custom ops (`qlora_kernels::nf4_lora_linear_fwd` / `_bwd`) with fake
+implementations and a registered autograd formula, so torch.compile(fullgraph=True) traces them.
+Saved for backward: x (only when lora_A needs a gradient) and xa = scaling * dropout(x) @ A.T (M x r; the
+compute dtype on CUDA, fp32 elsewhere). The kernels get fp32 block scales (double quant decoded per call).
+Dropout: a seed is drawn from torch's generator of x's device (no host sync); the keep-mask is regenerated
+from it (Philox in the kernels, a seeded torch.Generator on the CPU path), never stored.
+"""
+import functools
+import os
+import warnings
+from typing import Optional
+
+import torch
+import triton
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import nf4_lora_linear as kernels
+from qlora_kernels.nf4_weight import NF4Weight
+from qlora_kernels.ops.nf4 import dequantize_nf4
+from qlora_kernels.reference import nf4 as ref
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_M = 16
+_warned_fallback = False
+
+
+def nf4_lora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scaling: float = 1.0, bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                    training: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """`x @ dequant(qweight).T + scaling * (dropout(x) @ lora_A.T) @ lora_B.T (+ bias)`, PEFT's LoRA formula.
+
+    x (..., in) float32/float16/bfloat16; qweight an NF4Weight (out, in); lora_A (r, in), lora_B (out, r),
+    bias (out,) in fp32 or the compute dtype. Output in x's dtype. Dropout (p = dropout_p, only when
+    `training`) applies to the LoRA branch's input; its seed comes from torch's generator of x's device.
+    Gradients flow to x, lora_A, lora_B and bias. `backend` overrides the device's default (tests).
+    """
+    _check(x, qweight, lora_A, lora_B, bias, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
+    scales, absmax2, code2, offset = qweight.scale_tensors()
+    x2d = x.reshape(-1, qweight.shape[1])
+    y, _ = torch.ops.qlora_kernels.nf4_lora_linear_fwd(
+        x2d, qweight.packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, qweight.shape[0],
+        qweight.blocksize, qweight.nested_blocksize, float(scaling), p, backend or "")
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def _check(x, qweight, lora_A, lora_B, bias, dropout_p):
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight, got {type(qweight).__name__}")
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    out_features, in_features = qweight.shape
+    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+    shapes = (f"x {tuple(x.shape)}, weight {tuple(qweight.shape)}, lora_A {tuple(lora_A.shape)}, "
+              f"lora_B {tuple(lora_B.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    if (x.dim() < 1 or x.shape[-1] != in_features or lora_A.dim() != 2 or r < 1 or lora_A.shape[1] != in_features
+            or tuple(lora_B.shape) != (out_features, r) or (bias is not None and tuple(bias.shape) != (out_features,))):
+        raise ValueError(f"nf4_lora_linear shape mismatch: expected x (..., in), weight (out, in), lora_A (r, in), "
+                         f"lora_B (out, r), bias (out,) or None; got {shapes}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _backend.check_same_device(x=x, qweight=qweight.packed, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
+def _plan(x2d, backend, blocksize, warn=False):
+    """(path, backend): "triton" = the fused kernels, "torch" = dequantize + matmul with `backend`'s dequant.
+    Runs inside the custom ops (eagerly, also under torch.compile)."""
+    global _warned_fallback
+    backend = _backend.resolve_backend(x2d, backend or None)
+    if backend == "cuda_ext":
+        backend = "triton"
+    if backend != "triton":
+        return "torch", backend
+    in_features = x2d.shape[1]
+    if in_features % blocksize == 0:
+        return "triton", backend
+    if warn and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"nf4_lora_linear: in_features {in_features} is not a multiple of blocksize {blocksize}; "
+                      "falling back to dequantize + matmul (a transient dense weight per call)", RuntimeWarning,
+                      stacklevel=2)
+    return "torch", backend
+
+
+def _weight(packed, scales, absmax2, code2, offset, shape, blocksize, nested_blocksize, dtype):
+    if absmax2 is None:
+        return NF4Weight(packed, shape, dtype, blocksize, scales)
+    return NF4Weight(packed, shape, dtype, blocksize, qabsmax=scales, absmax2=absmax2, code2=code2, offset=offset,
+                     nested_blocksize=nested_blocksize)
+
+
+def dropout_keep_mask(x2d: torch.Tensor, seed: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+    """The boolean keep-mask (M, K) the given path uses for seed `seed` (tests and the torch path)."""
+    if backend == "triton":
+        ones = torch.ones(x2d.shape, dtype=torch.float32, device=x2d.device)
+        return _dropped_triton(ones, seed, p) != 0
+    gen = torch.Generator(device="cpu").manual_seed(int(seed.item()))
+    return (torch.rand(x2d.shape, generator=gen) >= p).to(x2d.device)
+
+
+def _dropped_triton(x2d, seed, p):
+    """where(keep, x, 0), same dtype as x (a copy of x's values: exact under the interpreter too)."""
+    x = x2d.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block = kernels.INTERPRET_DROPOUT_BLOCK if _backend.interpreting() else kernels.DROPOUT_BLOCK
+        kernels.dropout_keep_kernel[(triton.cdiv(n, block),)](x, seed, out, n, x.shape[1], p, BLOCK=block)
+    return out
+
+
+# --- Triton path ---------------------------------------------------------------------------------------
+
+_KERNELS = {"fwd": ("nf4_lora_fwd_kernel", "FWD_CONFIGS"), "fwd_small": ("nf4_lora_fwd_kernel", "FWD_SMALL_M_CONFIGS"),
+            "dx": ("nf4_lora_dx_kernel", "DX_CONFIGS")}
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(name):
+    kernel, configs = _KERNELS[name]
+    cfgs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                          num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in getattr(kernels, configs)]
+    # keyed on the weight shape and r: training calls repeat them; M varies little within a run
+    return triton.autotune(cfgs, key=["N", "K", "R"])(getattr(kernels, kernel))
+
+
+def _launch(name, interpret_config, grid_fn, args, constexprs):
+    """Interpreter: its one config. GPU: autotuned over the config list (QLORA_KERNELS_AUTOTUNE=0: the first
+    config, no tuning; quick GPU test runs)."""
+    kernel, configs = _KERNELS[name]
+    if _backend.interpreting() or os.environ.get("QLORA_KERNELS_AUTOTUNE") == "0":
+        cfg = dict(interpret_config if _backend.interpreting() else getattr(kernels, configs)[0])
+        return getattr(kernels, kernel)[grid_fn(cfg)](*args, **constexprs, **cfg)
+    return _autotuned(name)[grid_fn](*args, **constexprs)
+
+
+def _flags(x, blocksize):
+    interp = _backend.interpreting()
+    # the kernels get fp32 block scales (double quant decoded on the host: nblocks * 4 bytes, 1/32 of a bf16
+    # weight copy); per-row gathers of the nested code in the K-loop cost more than they save
+    return dict(BLOCKSIZE=blocksize, COMPUTE_F32=interp or x.dtype == torch.float32,
+                OUT_BF16_BITS=interp and x.dtype == torch.bfloat16)
+
+
+def _xa_dtype(x2d):
+    """xa (and g) are stored in the compute dtype where tensor cores read them (CUDA half), else fp32."""
+    return x2d.dtype if x2d.device.type == "cuda" and x2d.dtype != torch.float32 else torch.float32
+
+
+def _scales32(scales, absmax2, code2, offset, nested):
+    return scales if absmax2 is None else ref.dequantize_absmax(scales, absmax2, code2, offset, nested)
+
+
+def _r_block(r):
+    return max(16, triton.next_power_of_2(r))
+
+
+def _out(t):
+    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
+
+
+def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):
+    M, K = x2d.shape
+    r = A.shape[0]
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    xa = torch.empty((M, r), dtype=_xa_dtype(x2d), device=x2d.device)
+    if M == 0:
+        return y, xa
+    flags = _flags(x2d, blocksize)
+    lora_dt = torch.float32 if flags["COMPUTE_F32"] else x2d.dtype
+    A, B = A.to(lora_dt), B.to(lora_dt)       # tiny; the kernels then read tensor-core operands directly
+    absmax = _scales32(scales, absmax2, code2, offset, nested)
+    interp = _backend.interpreting()
+    br = min(_r_block(r), 256)
+    bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
+              else (kernels.LORA_DOWN_BM, kernels.LORA_DOWN_BK))
+    dummy = scales
+    kernels.lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(r, br))](
+        x2d, A, seed if seed is not None else dummy, xa, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0),
+        A.stride(1), scaling / (1.0 - p), p, HAS_DROPOUT=p > 0, COMPUTE_F32=flags["COMPUTE_F32"],
+        BM=bm, BK=bk, BR=br, num_warps=kernels.lora_down_num_warps(br))
+    small = M <= SMALL_M
+    args = (x2d, packed, absmax, xa, B, bias if bias is not None else dummy,
+            _out(y), M, N, K, r, x2d.stride(0), x2d.stride(1), B.stride(0), B.stride(1))
+    grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)  # noqa: E731
+    _launch("fwd_small" if small else "fwd", kernels.INTERPRET_FWD_SMALL_M if small else kernels.INTERPRET_FWD,
+            grid, args, dict(flags, HAS_LORA=True, HAS_BIAS=bias is not None))
+    return y, xa
+
+
+def _bwd_triton(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed, blocksize, nested, scaling, p,
+                need_dx, need_dA):
+    M, N = dy.shape
+    K = A.shape[1]
+    r = A.shape[0]
+    cd = dy.dtype
+    s = scaling / (1.0 - p)
+    g = ((dy @ B.to(cd)).float() * s).to(_xa_dtype(dy)) if (need_dx or need_dA) else None
+    dx = dA = None
+    if need_dx:
+        dx = torch.empty((M, K), dtype=cd, device=dy.device)
+        if M:
+            flags = _flags(dy, blocksize)
+            br = kernels.INTERPRET_DX_LORA_BR if _backend.interpreting() else kernels.DX_LORA_BR
+            Al = A.to(torch.float32 if flags["COMPUTE_F32"] else cd)
+            absmax = _scales32(scales, absmax2, code2, offset, nested)
+            args = (dy, packed, absmax, g, Al, seed if seed is not None else absmax, _out(dx),
+                    M, N, K, r, dy.stride(0), dy.stride(1), Al.stride(0), Al.stride(1), p)
+            grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]),)  # noqa: E731
+            _launch("dx", kernels.INTERPRET_DX, grid, args,
+                    dict(flags, HAS_LORA=True, HAS_DROPOUT=p > 0, BR=min(_r_block(r), br)))
+    if need_dA:
+        xm = _dropped_triton(x2d, seed, p) if p > 0 else x2d
+        dA = (g.t().to(cd) @ xm).to(A.dtype)
+    return dx, dA
+
+
+# --- torch path (CPU, and the fallback) -------------------------------------------------------------------
+
+def _dense(packed, scales, absmax2, code2, offset, N, K, blocksize, nested, dtype, backend):
+    qw = _weight(packed, scales, absmax2, code2, offset, (N, K), blocksize, nested, dtype)
+    return dequantize_nf4(qw, backend=backend)
+
+
+def _fwd_torch(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p,
+               backend):
+    K = x2d.shape[1]
+    w = _dense(packed, scales, absmax2, code2, offset, N, K, blocksize, nested, x2d.dtype, backend)
+    y = (x2d @ w.t()).float()
+    xm = x2d if p == 0 else x2d * dropout_keep_mask(x2d, seed, p, backend)
+    xa = (xm.float() @ A.float().t()) * (scaling / (1.0 - p))
+    y = y + xa @ B.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2d.dtype), xa.to(_xa_dtype(x2d))
+
+
+def _bwd_torch(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed, blocksize, nested, scaling, p,
+               backend, need_dx, need_dA):
+    N, (r, K) = dy.shape[1], A.shape
+    s = scaling / (1.0 - p)
+    keep = dropout_keep_mask(dy.new_empty((dy.shape[0], K)), seed, p, backend) if p > 0 and (need_dx or need_dA) \
+        else None
+    g = (dy.float() @ B.float()) * s if (need_dx or need_dA) else None
+    dx = dA = None
+    if need_dx:
+        w = _dense(packed, scales, absmax2, code2, offset, N, K, blocksize, nested, dy.dtype, backend)
+        lora = g @ A.float()
+        if keep is not None:
+            lora = lora * keep
+        dx = ((dy @ w).float() + lora).to(dy.dtype)
+    if need_dA:
+        xm = x2d.float() if keep is None else x2d.float() * keep
+        dA = (g.t() @ xm).to(A.dtype)
+    return dx, dA
+
+
+# --- custom ops ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=())
+def _fwd_op(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, absmax2: Optional[torch.Tensor],
+            code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], lora_A: torch.Tensor,
+            lora_B: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], out_features: int,
+            blocksize: int, nested_blocksize: int, scaling: float, dropout_p: float,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path, backend = _plan(x2d, backend, blocksize, warn=True)
+    args = (x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
+            nested_blocksize, scaling, dropout_p)
+    if path == "triton":
+        return _fwd_triton(*args)
+    return _fwd_torch(*args, backend)
+
+
+@_fwd_op.register_fake
+def _(x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
+      nested_blocksize, scaling, dropout_p, backend):
+    return (x2d.new_empty((x2d.shape[0], out_features)),
+            x2d.new_empty((x2d.shape[0], lora_A.shape[0]), dtype=_xa_dtype(x2d)))
+
+
+@torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x2d: Optional[torch.Tensor], packed: torch.Tensor, scales: torch.Tensor,
+            absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+            lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, seed: Optional[torch.Tensor],
+            blocksize: int, nested_blocksize: int, scaling: float, dropout_p: float, backend: str,
+            need_dx: bool, need_dA: bool, need_dB: bool, need_dbias: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    path, backend = _plan(dy.new_empty((0, lora_A.shape[1])), backend, blocksize)
+    args = (dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested_blocksize,
+            scaling, dropout_p)
+    if path == "triton":
+        dx, dA = _bwd_triton(*args, need_dx, need_dA)
+    else:
+        dx, dA = _bwd_torch(*args, backend, need_dx, need_dA)
+    empty = lambda: dy.new_empty((0,))  # noqa: E731  (distinct tensors: outputs may not alias)
+    dB = empty()
+    if need_dB:
+        cd = dy.dtype
+        dB = (dy.t() @ xa.to(cd) if path == "triton" else dy.float().t() @ xa.float()).to(lora_B.dtype)
+    dbias = dy.sum(0, dtype=torch.float32) if need_dbias else empty()
+    return (dx if dx is not None else empty(), dA if dA is not None else empty(), dB, dbias)
+
+
+@_bwd_op.register_fake
+def _(dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested_blocksize,
+      scaling, dropout_p, backend, need_dx, need_dA, need_dB, need_dbias):
+    M, N = dy.shape
+    K = lora_A.shape[1]
+    return (dy.new_empty((M, K)) if need_dx else dy.new_empty((0,)),
+            lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty((0,)),
+            lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty((0,)),
+            dy.new_empty((N,), dtype=torch.float32) if need_dbias else dy.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    (x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
+     nested_blocksize, scaling, dropout_p, backend) = inputs
+    need = ctx.needs_input_grad
+    ctx.need = (need[0], need[6], need[7], bias is not None and need[8])
+    ctx.consts = (blocksize, nested_blocksize, scaling, dropout_p, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x2d if ctx.need[1] else None, packed, scales, absmax2, code2, offset, lora_A, lora_B,
+                          output[1], seed)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dxa):
+    x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    blocksize, nested, scaling, p, backend = ctx.consts
+    need_dx, need_dA, need_dB, need_dbias = ctx.need
+    dx, dA, dB, dbias = torch.ops.qlora_kernels.nf4_lora_linear_bwd(
+        dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested, scaling, p,
+        backend, need_dx, need_dA, need_dB, need_dbias)
+    return (dx if need_dx else None, None, None, None, None, None, dA if need_dA else None,
+            dB if need_dB else None, dbias.to(ctx.bias_dtype) if need_dbias else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("qlora_kernels::nf4_lora_linear_fwd", _backward, setup_context=_setup_context)

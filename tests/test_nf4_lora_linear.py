@@ -1,0 +1,322 @@
+"""nf4_lora_linear: forward and every gradient against the fp32 reference (style.md tolerance rule: the error
+must be at most 2x plain PyTorch's at the same dtype plus a small atol), on the Triton path (interpreted on
+CPU) and the CPU path; dropout mask reproducibility; PEFT on bitsandbytes; torch.compile; GPU compile report.
+
+Interpreted shapes stay <= 256 with 128-wide tiles (cost follows the number of programs).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import qlora_kernels
+from qlora_kernels.nn import LoRALinear4bit
+from qlora_kernels.ops import nf4_lora_linear as ops
+from qlora_kernels.ops.nf4 import quantize_nf4
+from qlora_kernels.reference import nf4_lora_linear as ref
+from qlora_kernels.testing import CompileCase, compile_for_gpu, max_error
+
+nf4_lora_linear = qlora_kernels.nf4_lora_linear
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATOL_FRAC = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+def _backends(device):
+    # "default": Triton (interpreted on CPU, compiled on CUDA); "cpu": extension dequantize + torch matmul
+    return ["default"] + (["cpu"] if device == "cpu" else [])
+
+
+def _make(M, N, K, r, blocksize=64, double_quant=True, dtype=torch.float32, device="cpu", bias=True, lead=()):
+    w = torch.randn(N, K, device=device) / math.sqrt(K)
+    qw = quantize_nf4(w, blocksize, double_quant, backend="reference")
+    x = torch.randn(*lead, M, K, device=device).to(dtype)
+    A = torch.randn(r, K, device=device) / math.sqrt(K)
+    B = torch.randn(N, r, device=device) / math.sqrt(r)
+    b = torch.randn(N, device=device) if bias else None
+    return qw, x, A, B, b
+
+
+def _run(fn, x, A, B, b, dy_seed=1):
+    """Output and grads (x, A, B, bias) of fn(x, A, B, b) with a fixed upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, A, B, b)]
+    y = fn(*leaves)
+    gen = torch.Generator().manual_seed(dy_seed)
+    dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+    y.backward(dy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _check(actual, exact, plain, dtype, what):
+    if actual is None:
+        assert exact is None, what
+        return
+    err, base = max_error(actual, exact), max_error(plain, exact)
+    atol = ATOL_FRAC[dtype] * max(float(exact.abs().max()) if exact.numel() else 0.0, 1e-6)
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2 x plain {base:.3g} + atol {atol:.3g}"
+
+
+def _compare(qw, x, A, B, b, scaling, backend, keep=None, p=0.0, seed=0):
+    be = None if backend == "default" else backend
+
+    def ours(x_, A_, B_, b_):
+        torch.manual_seed(seed)
+        return nf4_lora_linear(x_, qw, A_, B_, scaling, b_, dropout_p=p, backend=be)
+
+    y, grads = _run(ours, x, A, B, b)
+    y32, grads32 = _run(lambda x_, A_, B_, b_: ref.nf4_lora_linear(x_, qw, A_, B_, scaling, b_, keep, p), x, A, B, b)
+    yp, gradsp = _run(lambda x_, A_, B_, b_: ref.nf4_lora_linear(x_, qw, A_, B_, scaling, b_, keep, p, upcast=False),
+                      x, A, B, b)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (qw.shape[0],)
+    _check(y, y32, yp, x.dtype, "y")
+    for name, g, g32, gp, t in zip(("dx", "dA", "dB", "dbias"), grads, grads32, gradsp, (x, A, B, b)):
+        if g is not None:
+            assert g.dtype == t.dtype and g.shape == t.shape, name
+        _check(g, g32, gp, x.dtype, name)
+    return y
+
+
+# (M, N, K, r, blocksize, double_quant): odd sizes, partial tiles, r in {1, 8, 64}, blocksizes that take the
+# one-scale-per-row and several-scales-per-row paths, M <= 16 (small-M kernel) and M > 128 (two row tiles)
+SHAPES = [(37, 96, 192, 1, 64, True), (1, 80, 256, 8, 128, False), (130, 40, 128, 64, 32, True),
+          (5, 48, 64, 8, 64, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bs{s[4]}-dq{int(s[5])}")
+def test_matches_reference(device, dtype, shape):
+    M, N, K, r, bs, dq = shape
+    qw, x, A, B, b = _make(M, N, K, r, bs, dq, dtype, device, bias=(M % 2 == 1))
+    for backend in _backends(device):
+        _compare(qw, x, A, B, b, 2.0, backend)
+
+
+def test_lora_weights_in_compute_dtype(device):
+    qw, x, A, B, b = _make(20, 64, 128, 8, dtype=torch.bfloat16, device=device)
+    for backend in _backends(device):
+        _compare(qw, x, A.bfloat16(), B.bfloat16(), b.bfloat16(), 0.5, backend)
+
+
+def test_3d_noncontiguous_and_empty(device):
+    qw, x, A, B, b = _make(6, 64, 128, 8, device=device, lead=(3,))
+    for backend in _backends(device):
+        be = None if backend == "default" else backend
+        _compare(qw, x, A, B, b, 1.5, backend)                              # 3-D x
+        xt = torch.randn(128, 18, device=device).t()                      # non-contiguous 2-D x
+        assert not xt.is_contiguous()
+        _compare(qw, xt, A, B, b, 1.5, backend)
+        x0 = torch.zeros(0, 128, device=device, requires_grad=True)        # M = 0
+        A0 = A.clone().requires_grad_()
+        y0 = nf4_lora_linear(x0, qw, A0, B, 1.5, b, backend=be)
+        assert y0.shape == (0, 64)
+        y0.sum().backward()
+        assert x0.grad.shape == (0, 128) and float(A0.grad.abs().sum()) == 0.0
+
+
+def test_fallback_when_in_features_not_multiple_of_blocksize(device, monkeypatch):
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    qw, x, A, B, b = _make(9, 40, 96, 4, blocksize=64, device=device)     # 96 % 64 != 0
+    with pytest.warns(RuntimeWarning, match="not a multiple of blocksize"):
+        _compare(qw, x, A, B, b, 2.0, "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # only once
+        _compare(qw, x, A, B, b, 2.0, "default")
+
+
+@pytest.mark.parametrize("backend", ["default", "cpu"])
+def test_dropout_uses_one_mask_forward_and_backward(device, backend):
+    if backend == "cpu" and device != "cpu":
+        pytest.skip("CPU path needs CPU tensors")
+    p, seed = 0.3, 123
+    qw, x, A, B, b = _make(21, 64, 128, 8, device=device)
+    be = None if backend == "default" else backend
+    # the mask the op uses is the one its seed gives: the seed is the first draw after manual_seed
+    torch.manual_seed(seed)
+    s = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    keep = ops.dropout_keep_mask(x, s, p, "triton" if backend == "default" else "cpu")
+    assert 0.6 < float(keep.float().mean()) < 0.8
+    _compare(qw, x, A, B, b, 2.0, backend, keep=keep, p=p, seed=seed)
+    # same seed, same output; another seed, another mask
+    outs = []
+    for sd in (seed, seed, seed + 1):
+        torch.manual_seed(sd)
+        outs.append(nf4_lora_linear(x, qw, A, B, 2.0, b, dropout_p=p, backend=be))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    # y is linear in B: <dy, y(B + D) - y(B)> == <grad_B, D> only if backward used the forward's mask
+    Bl = B.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = nf4_lora_linear(x, qw, A, Bl, 2.0, b, dropout_p=p, backend=be)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    D = torch.randn_like(B)
+    torch.manual_seed(seed)
+    y2 = nf4_lora_linear(x, qw, A, B + D, 2.0, b, dropout_p=p, backend=be)
+    fd = float((dy.double() * (y2.double() - y.detach().double())).sum())
+    an = float((Bl.grad.double() * D.double()).sum())
+    assert abs(fd - an) <= 1e-4 * (abs(an) + 1.0), (fd, an)
+    # eval mode: no dropout
+    y_eval = nf4_lora_linear(x, qw, A, B, 2.0, b, dropout_p=p, training=False, backend=be)
+    assert torch.allclose(y_eval, nf4_lora_linear(x, qw, A, B, 2.0, b, backend=be), atol=1e-5)
+
+
+def test_bad_inputs(device):
+    qw, x, A, B, b = _make(4, 64, 128, 8, device=device)
+    with pytest.raises(ValueError, match=r"x \(4, 100\)"):
+        nf4_lora_linear(torch.randn(4, 100, device=device), qw, A, B)
+    with pytest.raises(ValueError, match=r"lora_A \(8, 64\)"):
+        nf4_lora_linear(x, qw, torch.randn(8, 64, device=device), B)
+    with pytest.raises(ValueError, match=r"lora_B \(64, 4\)"):
+        nf4_lora_linear(x, qw, A, torch.randn(64, 4, device=device))
+    with pytest.raises(ValueError, match=r"bias \(63,\)"):
+        nf4_lora_linear(x, qw, A, B, bias=torch.randn(63, device=device))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        nf4_lora_linear(x.long(), qw, A, B)
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout_p"):
+            nf4_lora_linear(x, qw, A, B, dropout_p=p)
+    with pytest.raises(ValueError, match="one device"):
+        nf4_lora_linear(x, qw, A.to("meta"), B)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        nf4_lora_linear(x, torch.randn(64, 128), A, B)
+
+
+def test_module_init_merge_and_forward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    mod = LoRALinear4bit.from_linear(lin, r=8, lora_alpha=16, lora_dropout=0.1, compute_dtype=torch.float32)
+    assert mod.scaling == 2.0 and float(mod.lora_B.detach().abs().sum()) == 0.0
+    bound = 1 / math.sqrt(128)                       # kaiming_uniform(a=sqrt(5)) on fan_in 128
+    assert float(mod.lora_A.detach().abs().max()) <= bound and float(mod.lora_A.detach().std()) > bound / 3
+    assert mod.lora_A.dtype == torch.float32 and not mod.bias.requires_grad
+    rs = LoRALinear4bit.from_linear(lin, r=16, lora_alpha=16, use_rslora=True, double_quant=False)
+    assert rs.scaling == 16 / 4 and rs.qweight.double_quant is False
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    merged = mod.merged_weight()
+    assert torch.allclose(merged, ref.merged_weight(mod.qweight, mod.lora_A, mod.lora_B, 2.0), atol=1e-5)
+    x = torch.randn(2, 5, 128)
+    mod.eval()
+    assert torch.allclose(mod(x), x @ merged.t() + lin.bias, atol=1e-4)
+    mod.train()
+    mod(x).sum().backward()
+    assert mod.lora_A.grad is not None and mod.lora_B.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["default", "cpu"])
+def test_matches_peft_on_bitsandbytes(backend):
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    torch.manual_seed(0)
+    K, N, r = 192, 96, 8
+    lin = torch.nn.Linear(K, N, bias=True)
+    base = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.float32, compress_statistics=True,
+                             quant_type="nf4")
+    base.load_state_dict(lin.state_dict())
+    base = base.to("cpu")                    # quantizes; stays in training mode (no CPU repacking)
+    layer = PeftLinear4bit(base, "default", config=peft.LoraConfig(r=r, lora_alpha=16), r=r, lora_alpha=16,
+                           lora_dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+    layer.train()
+    qw = qlora_kernels.NF4Weight.from_bnb(base.weight)
+    assert qw.double_quant
+    x = torch.randn(3, 11, K)
+    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_peft = layer(xp)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    Ao, Bo = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    y = nf4_lora_linear(xo, qw, Ao, Bo, layer.scaling["default"], base.bias.detach(),
+                        backend=None if backend == "default" else backend)
+    dy = torch.randn_like(y)
+    y_peft.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(y, y_peft, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(xo.grad, xp.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(Ao.grad, A.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(Bo.grad, B.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_cpu_path():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora = LoRALinear4bit.from_linear(torch.nn.Linear(128, 64), r=8, lora_alpha=16, lora_dropout=0.1,
+                                                   compute_dtype=torch.float32)
+            with torch.no_grad():
+                self.lora.lora_B.normal_()
+
+        def forward(self, x):
+            q = self.lora.qweight
+            return nf4_lora_linear(x, q, self.lora.lora_A, self.lora.lora_B, self.lora.scaling, self.lora.bias,
+                                   dropout_p=0.1, backend="cpu").relu()
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 7, 128)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    y_c = compiled(x)
+    y_c.sum().backward()
+    g_c = net.lora.lora_A.grad.clone()
+    net.lora.lora_A.grad = None
+    torch.manual_seed(5)
+    y_e = net(x)
+    y_e.sum().backward()
+    assert torch.allclose(y_c, y_e, atol=1e-5) and torch.allclose(net.lora.lora_A.grad, g_c, atol=1e-5)
+
+
+# --- compiled for real GPUs (no GPU needed): no spills, fits shared memory, tensor cores on sm_90 ----------
+
+# as launched on CUDA: bf16 activations and LoRA operands, fp32 block scales (double quant decoded on the host)
+_W = {"packed_ptr": "*u8", "absmax_ptr": "*fp32"}
+_FLAGS = dict(BLOCKSIZE=64, COMPUTE_F32=False, OUT_BF16_BITS=False,
+              HAS_LORA=True)
+_MOD = "qlora_kernels.kernels.nf4_lora_linear"
+
+
+def _case(kernel, sig, consts, num_warps, num_stages):
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    return CompileCase(_MOD, kernel, sig, consts, num_warps, num_stages)
+
+
+def _compile_cases():
+    from qlora_kernels.kernels import nf4_lora_linear as K
+    split = lambda c: ({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},  # noqa: E731
+                       c["num_warps"], c["num_stages"])
+    gemm, other = [], []
+    fwd_sig = {"x_ptr": "*bf16", **_W, "xa_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+               **{k: "i32" for k in "M N K R stride_xm stride_xk stride_bn stride_br".split()}}
+    for cfgs, target in ((K.FWD_CONFIGS, gemm), (K.FWD_SMALL_M_CONFIGS, other)):
+        for c in cfgs:
+            ce, w, s = split(c)
+            target.append(_case("nf4_lora_fwd_kernel", fwd_sig, dict(_FLAGS, HAS_BIAS=True, **ce), w, s))
+    dx_sig = {"dy_ptr": "*bf16", **_W, "g_ptr": "*bf16", "a_ptr": "*bf16", "seed_ptr": "*i64", "dx_ptr": "*bf16",
+              **{k: "i32" for k in "M N K R stride_dym stride_dyn stride_ar stride_ak".split()}, "p": "fp32"}
+    for c in K.DX_CONFIGS:
+        ce, w, s = split(c)
+        gemm.append(_case("nf4_lora_dx_kernel", dx_sig, dict(_FLAGS, HAS_DROPOUT=True, BR=K.DX_LORA_BR, **ce), w, s))
+    down_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "seed_ptr": "*i64", "xa_ptr": "*bf16",
+                **{k: "i32" for k in "M K R stride_xm stride_xk stride_ar stride_ak".split()}, "scale": "fp32",
+                "p": "fp32"}
+    for br in (16, 64, 256):    # r = 1..16, 64 (and 32), 256
+        other.append(_case("lora_down_kernel", down_sig, dict(HAS_DROPOUT=True, COMPUTE_F32=False,
+                           BM=K.LORA_DOWN_BM, BK=K.LORA_DOWN_BK, BR=br), K.lora_down_num_warps(br), 3))
+    other.append(_case("dropout_keep_kernel", {"x_ptr": "*bf16", "seed_ptr": "*i64", "out_ptr": "*bf16",
+                                               "n": "i32", "K": "i32", "p": "fp32"}, {"BLOCK": K.DROPOUT_BLOCK}, 4, 3))
+    return gemm, other
+
+
+def test_gpu_compile_no_spills_tensor_cores():
+    pytest.importorskip("triton.backends.nvidia")
+    gemm, other = _compile_cases()
+    # every config on sm_90 (the target; HGMMA for the large-M GEMMs), the GEMM lists on sm_80 too
+    reports = compile_for_gpu(gemm + other, archs=(90,)) + compile_for_gpu(gemm[:1] + gemm[-1:], archs=(80,))
+    labels = [c.label() for c in gemm]
+    for rep in reports:
+        print(rep)
+        assert rep["local"] == 0 and rep["stack"] == 0, f"spills: {rep}"
+        assert rep["shared"] <= 227 * 1024, f"shared memory: {rep}"
+        if rep["label"] in labels:
+            assert (rep["hgmma"] > 0) if rep["arch"] == 90 else (rep["hmma"] > 0), f"no tensor cores: {rep}"
