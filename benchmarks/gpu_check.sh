@@ -3,7 +3,8 @@
 # CUDA, then every benchmarks/bench_*.py with the peers in the same process. Tables and JSON go to $OUT
 # (default benchmarks/results/), the log to $OUT/gpu_check.log; the markdown tables print last.
 # Usage, from the repository root on the GPU machine (no network): bash ../shared/tools/peer-wheels.sh here
-# first, carry .whl/, then:  OUT=/some/dir bash benchmarks/gpu_check.sh
+# first, carry .whl/, and name the commit (the device copy has no .git):
+#   QLORA_KERNELS_COMMIT=<git rev-parse --short HEAD, run here> OUT=$OUT bash benchmarks/gpu_check.sh
 set -uo pipefail
 export OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"

@@ -69,10 +69,14 @@ def copy_bandwidth_gbs() -> float | None:
 
 def environment() -> dict:
     import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    # the GPU machine gets a copy of the tree without .git: gpu_check.sh passes QLORA_KERNELS_COMMIT
+    commit = os.environ.get("QLORA_KERNELS_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     return {"card": card(), "torch": torch.__version__, "triton": triton.__version__, "commit": commit or "unknown",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
