@@ -57,6 +57,10 @@ def lora_down_num_warps(br):
     return 4 if br <= 32 else 8   # BR = 64 at 4 warps spills (philox + x + A tiles)
 
 
+def lora_down_block_k(br):
+    return LORA_DOWN_BK if br <= 64 else 32   # BR = 256 with BK = 64 spills under triton 3.6 (any warps)
+
+
 @triton.jit
 def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
     """Grouped program order (GROUP_M row-tiles share each column of weight tiles in L2)."""

@@ -3,10 +3,6 @@
 Backends: "triton" (interpreted on CPU tensors without a GPU, compiled on CUDA) and the chunked
 plain-PyTorch CPU path ("reference"). Interpreted shapes stay small (cost follows the program count).
 """
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +14,7 @@ from qlora_kernels.kernels.cross_entropy import MM_ACC_CONFIGS, MM_CONFIGS, MM_D
 from qlora_kernels.ops import cross_entropy as ops
 from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
 from qlora_kernels.reference import cross_entropy as ref
-from qlora_kernels.testing import CompileCase, assert_close, compile_for_gpu
+from qlora_kernels.testing import CompileCase, assert_close, assert_no_spills, compile_for_gpu
 
 TRITON_OK = torch.cuda.is_available() or _backend.interpreting()
 BACKENDS = ["reference"] + (["triton"] if TRITON_OK else [])
@@ -279,16 +275,16 @@ def test_linear_time_falls_with_labelled_fraction():
     h = torch.randn(n, H, requires_grad=True)
     w = torch.randn(V, H) / 8
 
-    def run(frac):
-        labels = _labels(n, V, frac)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            fused_linear_cross_entropy(h, w, labels, backend="reference").backward()
-            best = min(best, time.perf_counter() - start)
-        return best
+    def once(labels):
+        start = time.perf_counter()
+        fused_linear_cross_entropy(h, w, labels, backend="reference").backward()
+        return time.perf_counter() - start
 
-    full, sparse = run(1.0), run(0.03)
+    # interleaved, best of 5: robust to load changes on a shared machine
+    all_labels, few_labels = _labels(n, V, 1.0), _labels(n, V, 0.03)
+    full, sparse = float("inf"), float("inf")
+    for _ in range(5):
+        full, sparse = min(full, once(all_labels)), min(sparse, once(few_labels))
     assert sparse < 0.4 * full, (sparse, full)
 
 
@@ -416,54 +412,20 @@ def _mm_cases():
         sig.update({k: "constexpr" for k in ("LIMIT_M", "LIMIT_K", "HAS_BIAS", "ACCUMULATE", "UPCAST", "IEEE", "BM",
                                               "BN", "BK", "GROUP_M")})
         consts = {**{s: 1 for s in unit}, **flags, "ACCUMULATE": acc, "UPCAST": False, "IEEE": False, **mm}
+        # launch-time divisibility by 16 of pointers, sizes and strides (without it every GEMM spills)
+        aligned = tuple(n for n, t in sig.items() if t.startswith("*") or (t in ("i32", "i64") and n != "limit_offset"))
         cases.append((arch, CompileCase("qlora_kernels.kernels.cross_entropy", "bounded_matmul_kernel", sig, consts,
-                                        num_warps=warps, num_stages=stages)))
+                                        num_warps=warps, num_stages=stages, aligned=aligned)))
     return cases
-
-
-def _compile_gemms():
-    """Compile the GEMM cases here (no interpreter) with triton's launch-time divisibility attributes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from qlora_kernels.kernels import cross_entropy as K
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    reports = []
-    for arch, c in _mm_cases():
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(c.signature.items())
-                 if t.startswith("*") or (t in ("i32", "i64") and n != "limit_offset")}
-        src = ASTSource(fn=K.bounded_matmul_kernel, signature=c.signature, constexprs=c.constexprs, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-        path = f"/tmp/qlora_ce_{os.getpid()}_{arch}.cubin"
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True).stdout
-        os.remove(path)
-        fields = dict(t.split(":", 1) for t in usage.split() if ":" in t and t.split(":", 1)[1].isdigit())
-        reports.append({"label": c.label(), "arch": arch, "registers": int(fields.get("REG", -1)),
-                        "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
-                        "shared": int(k.metadata.shared), "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA")})
-    return reports
 
 
 def test_compiles_for_gpu_without_spills():
     reports = compile_for_gpu(_ce_cases(), archs=(90,)) + compile_for_gpu(_ce_cases()[:1], archs=(80,))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reports += json.loads(proc.stdout.strip().splitlines()[-1])
+    for arch in (80, 90):
+        reports += compile_for_gpu([c for a, c in _mm_cases() if a == arch], archs=(arch,))
     print("\n".join(str(r) for r in reports))
     for r in reports:
-        assert r["local"] == 0 and r["stack"] == 0 and r.get("spill_bytes", 0) == 0, r
-        assert r["shared"] <= 227 * 1024, r
+        assert_no_spills(r)
     gemms = [r for r in reports if r["label"].startswith("bounded_matmul")]
     assert all(r["hgmma"] > 0 for r in gemms if r["arch"] == 90), gemms
     assert all(r["hmma"] > 0 for r in gemms if r["arch"] == 80), gemms
-
-
-if __name__ == "__main__":   # the GEMM half of the compile test, run in a child without the interpreter
-    print(json.dumps(_compile_gemms()))

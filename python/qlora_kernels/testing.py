@@ -55,6 +55,7 @@ class CompileCase:
     constexprs: dict     # constexpr name -> value
     num_warps: int = 4
     num_stages: int = 3
+    aligned: tuple = ()  # args triton would see as multiples of 16 at launch (pointers, sizes, strides)
 
     def label(self):
         return f"{self.kernel}[{','.join(f'{k}={v}' for k, v in self.constexprs.items())}," \
@@ -67,7 +68,9 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(_kernel_module(case.module), case.kernel)
-    src = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs)
+    names = list(case.signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.aligned}
+    src = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     tool_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -142,6 +145,13 @@ def compile_for_gpu(cases, archs=(80, 90)) -> list:
     for python in filter(None, os.environ.get("QLORA_KERNELS_COMPILE_PYTHONS", "").split(os.pathsep)):
         reports += _compile_in_child(python, cases, archs, standalone=True)
     return reports
+
+
+def assert_no_spills(report, max_shared=227 * 1024):
+    """No register spills (ptxas spill bytes, local memory) and shared memory within an H100 block's.
+    A stack frame alone is allowed: it can be the call frame of a slow-path subroutine (IEEE division)."""
+    assert report["spill_bytes"] == 0 and report["local"] == 0, f"register spills: {report}"
+    assert report["shared"] <= max_shared, f"too much shared memory: {report}"
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     interp = _backend.interpreting()
     br = min(_r_block(r), 256)
     bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
-              else (kernels.LORA_DOWN_BM, kernels.LORA_DOWN_BK))
+              else (kernels.LORA_DOWN_BM, kernels.lora_down_block_k(br)))
     dummy = scales
     kernels.lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(r, br))](
         x2d, A, seed if seed is not None else dummy, xa, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0),
