@@ -3,57 +3,23 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 SUITES = {"nf4": "bench_nf4", "lora": "bench_nf4_lora_linear", "ce": "bench_cross_entropy", "adamw": "bench_adamw"}
 
 
 def demo(args) -> int:
-    """Quantize a model-sized weight to NF4 and back on the current device; time, GB/s, error vs bitsandbytes."""
-    import torch
-
-    import qlora_kernels as qk
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_f, in_f = args.shape
-    torch.manual_seed(0)
-    w = (torch.randn(out_f, in_f, device=device) * 0.02).to(torch.bfloat16)
-    n = w.numel()
-    print(f"qlora-kernels demo: NF4 (blocksize 64, double quant) of a {out_f} x {in_f} bf16 weight on {device}, "
-          f"backend {qk.backend_for(w)}")
-
-    def timed(fn):
-        fn()  # warm: compile / first-touch
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.reps):
-            result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result, (time.perf_counter() - start) / args.reps
-
-    q, t_q = timed(lambda: qk.quantize_nf4(w, 64, double_quant=True))
-    w_hat, t_dq = timed(lambda: qk.dequantize_nf4(q))
-    scales = sum(t.numel() * t.element_size() for t in q.scale_tensors() if t is not None)
-    print(f"  quantize   {t_q * 1e3:9.2f} ms  {(2 * n + n // 2 + scales) / t_q / 1e9:7.2f} GB/s")
-    print(f"  dequantize {t_dq * 1e3:9.2f} ms  {(n // 2 + scales + 2 * n) / t_dq / 1e9:7.2f} GB/s")
-    print(f"  storage {(n // 2 + scales) / 2**20:.1f} MiB vs {2 * n / 2**20:.1f} MiB in bf16; "
-          f"round-trip error: max {(w_hat.float() - w.float()).abs().max().item():.3g}, "
-          f"rms {(w_hat.float() - w.float()).pow(2).mean().sqrt().item():.3g}")
+    """The QLoRA fine-tune of qlora_kernels.demo; a bad argument or model is one line on stderr, exit 2."""
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        why = "no such directory" if not os.path.isdir(args.model) else "no config.json in it"
+        print(f"qlora-kernels demo: error: cannot read model at {args.model!r}: {why}", file=sys.stderr)
+        return 2
+    from qlora_kernels.demo import DemoError, run_demo
     try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:
-        print("  bitsandbytes not installed: no comparison")
-        return 0
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    differ = int((packed.view(-1) != q.packed).sum())
-    bnb_w = bnbf.dequantize_4bit(packed, state)
-    ours_of_bnb = qk.dequantize_nf4(qk.NF4Weight.from_bnb(packed, state))
-    print(f"  vs bitsandbytes {getattr(sys.modules.get('bitsandbytes'), '__version__', '?')}: "
-          f"{differ} of {packed.numel()} packed bytes differ; our dequantization of its storage differs in "
-          f"{int((ours_of_bnb != bnb_w).sum())} of {n} values (max |diff| "
-          f"{(ours_of_bnb.float() - bnb_w.float()).abs().max().item():.3g})")
+        run_demo(steps=args.steps, model_path=args.model, out_dir=args.out, device=args.device, seed=args.seed,
+                 lr=args.lr, threads=args.threads)
+    except DemoError as err:
+        print(f"qlora-kernels demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -74,34 +40,55 @@ def bench(args) -> int:
     return status
 
 
-def shape(text):
+def positive_int(text):
     try:
-        out_f, in_f = (int(v) for v in text.lower().split("x"))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected OUTxIN, e.g. 4096x14336, got {text!r}") from None
-    if out_f <= 0 or in_f <= 0:
-        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
-    return out_f, in_f
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _one_line_error(prog):
+    def error(message):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return error
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="the main job: NF4 quantize/dequantize of a model-sized weight")
-    p_demo.add_argument("--shape", type=shape, default=(4096, 14336), help="OUTxIN (default 4096x14336)")
+    p_demo = sub.add_parser("demo", help="the main job: a QLoRA fine-tune, ours vs the PyTorch reference")
+    p_demo.error = _one_line_error("qlora-kernels demo")
+    p_demo.add_argument("--steps", type=positive_int, default=None, help="training steps (CPU 300, CUDA 600)")
+    p_demo.add_argument("--model", default=None, metavar="PATH", help="a local transformers checkpoint directory "
+                        "instead of the built-in random-init Llama")
+    p_demo.add_argument("--out", default=".", metavar="DIR", help="where demo_loss.png goes (default .)")
     p_demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p_demo.add_argument("--reps", type=int, default=3)
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--lr", type=positive_float, default=None,
+                        help="peak learning rate (built-in model 3e-3 CPU / 2e-3 CUDA; --model 1e-4)")
+    p_demo.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (default 1 on CPU: the matmuls are tiny)")
     p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables under benchmarks/results/")
     p_bench.add_argument("suite", nargs="?", default="all", choices=list(SUITES) + ["all"])
     p_bench.add_argument("--quick", action="store_true", help="small shapes (a CPU smoke run)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (p_demo if args.command == "demo" else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
-        if args.reps < 1:
-            parser.error("--reps must be at least 1")
-        if args.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                parser.error("--device cuda: no CUDA device is available")
         return demo(args)
     return bench(args)
 

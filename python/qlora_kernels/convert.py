@@ -1,0 +1,182 @@
+"""QLoRA for a plain transformers model, without bitsandbytes or PEFT: `convert_to_qlora` swaps the target
+`nn.Linear` layers for `qlora_kernels.nn.LoRALinear4bit` (NF4 base, LoRA adapter); `save_adapter` /
+`load_adapter` write and read PEFT's adapter format, so `peft.PeftModel.from_pretrained(base, path)` loads
+what was trained here (and the reverse).
+
+PEFT's format (peft 0.21, task CAUSAL_LM): `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), fp32, and
+`adapter_config.json` (peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora, ...).
+"""
+import json
+import math
+import os
+from collections import Counter
+
+import torch
+from torch import nn
+
+from qlora_kernels.nn import LoRALinear4bit
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def _check_args(r, lora_alpha, lora_dropout, blocksize):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+    if not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _targets(model, target_modules):
+    """{module path: nn.Linear} of the layers to convert; ValueError naming targets that match nothing."""
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    if target_modules == "all-linear":     # PEFT's shorthand: every linear layer but the output head
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {n: m for n, m in linears.items() if m is not head and n.rsplit(".", 1)[-1] != "lm_head"}
+    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"target_modules must be a non-empty sequence of module names, got {target_modules!r}")
+    chosen = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in names or n in names}
+    found = {n.rsplit(".", 1)[-1] for n in chosen} | set(chosen)
+    missing = [t for t in names if t not in found]
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its linear layers are "
+                         f"named {available}")
+    return chosen
+
+
+def _set_module(model, path, module):
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def lora_layers(model) -> dict:
+    """{module path: LoRALinear4bit} of a converted model, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+
+
+def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     target_modules=DEFAULT_TARGETS, use_rslora: bool = False, blocksize: int = 64,
+                     double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace each `nn.Linear` whose name (last component, or full path) is in `target_modules` by a
+    `LoRALinear4bit` (NF4 base quantized exactly as bitsandbytes does, fresh PEFT-initialized LoRA), in
+    place, and freeze every other parameter. Returns `model`. `target_modules="all-linear"` takes every
+    linear layer but the output head (PEFT's meaning).
+    """
+    _check_args(r, lora_alpha, lora_dropout, blocksize)
+    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+    chosen = _targets(model, target_modules)
+    for path, linear in chosen.items():
+        layer = LoRALinear4bit.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, blocksize,
+                                           double_quant, compute_dtype)
+        layer.train(linear.training)
+        _set_module(model, path, layer)
+    lora = {id(p) for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():    # LoRA of earlier conversions stays trainable
+        p.requires_grad_(id(p) in lora)
+    return model
+
+
+def _layer_alpha_rslora(layer):
+    rslora = not math.isclose(layer.scaling, layer.lora_alpha / layer.r, rel_tol=1e-9) and \
+        math.isclose(layer.scaling, layer.lora_alpha / math.sqrt(layer.r), rel_tol=1e-9)
+    return layer.lora_alpha, rslora
+
+
+def adapter_config(model, base_model_name_or_path=None) -> dict:
+    """The `adapter_config.json` PEFT writes for the LoRA layers of a converted model."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRALinear4bit layers: convert it with convert_to_qlora first")
+    ranks = Counter(m.r for m in layers.values())
+    alphas = Counter(m.lora_alpha for m in layers.values())
+    rslora = {_layer_alpha_rslora(m)[1] for m in layers.values()}
+    dropouts = {m.lora_dropout for m in layers.values()}
+    if len(rslora) > 1 or len(dropouts) > 1:
+        raise ValueError("PEFT's format needs one use_rslora and one lora_dropout for all LoRA layers")
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "use_rslora": rslora.pop(),
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+        "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha},
+        "use_dora": False, "lora_bias": False,
+    }
+
+
+def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | None = None) -> None:
+    """Write the LoRA weights of a converted model in PEFT's format: `path/adapter_model.safetensors`
+    (fp32, keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`) and `path/adapter_config.json`.
+    `base_model_name_or_path` defaults to `model.config.name_or_path`."""
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous().clone()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous().clone()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
+    """Load a PEFT LoRA adapter (ours or PEFT's) into `model` and return it. A plain model is first converted
+    with the adapter's r / lora_alpha / lora_dropout / target_modules / use_rslora (`convert_kwargs`:
+    blocksize, double_quant, compute_dtype). Every LoRA layer must get its A and B, and every tensor in the
+    file must have a layer: otherwise ValueError, and nothing is loaded."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none" \
+            or cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"unsupported adapter in {path!r}: only plain LoRA (no DoRA, bias, modules_to_save or "
+                         "rank/alpha patterns) loads into LoRALinear4bit")
+    if not lora_layers(model):
+        convert_to_qlora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
+                         cfg["target_modules"], cfg.get("use_rslora", False), **convert_kwargs)
+    layers = lora_layers(model)
+    tensors = load_file(w_path)
+    expected = {}
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            expected[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter {path!r} does not fit the model: {len(missing)} missing key(s) "
+                         f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
+    for name, layer in layers.items():
+        alpha, rslora = _layer_alpha_rslora(layer)
+        if layer.r != cfg["r"] or alpha != cfg["lora_alpha"] or rslora != bool(cfg.get("use_rslora", False)):
+            raise ValueError(f"adapter {path!r} has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, use_rslora="
+                             f"{cfg.get('use_rslora', False)}; layer {name} has r={layer.r}, lora_alpha={alpha}, "
+                             f"use_rslora={rslora}")
+    for key, param in expected.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise ValueError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, the model's "
+                             f"{tuple(param.shape)}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+    return model

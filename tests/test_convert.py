@@ -1,0 +1,167 @@
+"""convert_to_qlora / save_adapter / load_adapter: structure, freezing, PEFT's format both ways, bad arguments."""
+import json
+import os
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.convert import DEFAULT_TARGETS, lora_layers
+from qlora_kernels.nn import LoRALinear4bit
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def converted(seed=0, r=8, lora_alpha=16, lora_dropout=0.1, **kw):
+    model = qk.convert_to_qlora(tiny_llama(seed), r, lora_alpha, lora_dropout, compute_dtype=torch.float32, **kw)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():     # a trained adapter: B non-zero
+            layer.lora_B.normal_(0.0, 0.05)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_structure_and_frozen():
+    model = tiny_llama()
+    out = qk.convert_to_qlora(model, 8, 16)
+    assert out is model
+    layers = lora_layers(model)
+    assert len(layers) == 2 * len(DEFAULT_TARGETS)
+    assert {n.rsplit(".", 1)[-1] for n in layers} == set(DEFAULT_TARGETS)
+    assert not any(type(m) is torch.nn.Linear and n.rsplit(".", 1)[-1] in DEFAULT_TARGETS
+                   for n, m in model.named_modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{part}" for n in layers for part in ("lora_A", "lora_B")}
+    assert not model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    assert all(m.r == 8 and m.scaling == 2.0 for m in layers.values())
+
+
+def test_target_subset_and_rslora():
+    model = qk.convert_to_qlora(tiny_llama(), 4, 8, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    layers = lora_layers(model)
+    assert sorted({n.rsplit(".", 1)[-1] for n in layers}) == ["q_proj", "v_proj"]
+    assert all(m.scaling == pytest.approx(8 / 2) for m in layers.values())
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    qk.convert_to_qlora(model, 4, 8, target_modules=["up_proj"])       # a second call keeps the first's LoRA
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 2 * 3 and any("q_proj.lora_A" in n for n in trainable)
+
+
+def test_peft_loads_our_adapter(tmp_path):
+    """PeftModel.from_pretrained(plain model with our NF4-dequantized base, our adapter) == our model."""
+    peft = pytest.importorskip("peft")
+    ours = converted()
+    qk.save_adapter(ours, str(tmp_path), base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (8, 16, 0.1, False)
+    assert cfg["target_modules"] == sorted(DEFAULT_TARGETS) and cfg["base_model_name_or_path"] == "tiny-llama"
+
+    fresh = tiny_llama()                            # same seed: same base weights
+    with torch.no_grad():                           # the same base on both sides: our NF4 round trip
+        for name, layer in lora_layers(ours).items():
+            fresh.get_submodule(name).weight.copy_(qk.dequantize_nf4(layer.qweight))
+    ids = torch.randint(0, 512, (2, 12))
+    base_logits = logits(fresh, ids)
+    peft_model = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+
+    # the file's keys are exactly PEFT's own names for these parameters
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(saved) == set(peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+    assert saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 8)
+
+    ours_logits, peft_logits = logits(ours, ids), logits(peft_model, ids)
+    diff = (ours_logits - peft_logits).abs().max().item()
+    effect = (peft_logits - base_logits).abs().max().item()
+    print(f"ours vs PEFT max |diff| {diff:.3g}, adapter effect {effect:.3g}, max |logit| {peft_logits.abs().max():.3g}")
+    assert effect > 1e-2                            # the adapter changes the output...
+    assert diff < 1e-4 * max(1.0, peft_logits.abs().max().item())   # ...and both sides agree to fp32 rounding
+    merged = peft_model.merge_and_unload()
+    for name, layer in lora_layers(ours).items():
+        torch.testing.assert_close(merged.get_submodule(name).weight, layer.merged_weight(), atol=1e-6, rtol=1e-5)
+
+
+def test_we_load_peft_adapter(tmp_path):
+    """An adapter PEFT saved loads with load_adapter (plain model: converted from the adapter's config)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "down_proj"],
+                             task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(tiny_llama(1), config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(tmp_path))
+    model = qk.load_adapter(tiny_llama(1), str(tmp_path), compute_dtype=torch.float32)
+    layers = lora_layers(model)
+    assert sorted({n.rsplit(".", 1)[-1] for n in layers}) == ["down_proj", "k_proj", "q_proj"]
+    theirs = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.lora_A, theirs[f"base_model.model.{name}.lora_A.weight"], atol=0, rtol=0)
+        torch.testing.assert_close(layer.lora_B, theirs[f"base_model.model.{name}.lora_B.weight"], atol=0, rtol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    ours = converted(seed=2)
+    qk.save_adapter(ours, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    again = qk.convert_to_qlora(tiny_llama(2), 8, 16, 0.1, compute_dtype=torch.float32)   # fresh LoRA init
+    assert qk.load_adapter(again, str(tmp_path)) is again
+    for (n1, a), (n2, b) in zip(lora_layers(ours).items(), lora_layers(again).items()):
+        assert n1 == n2
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B) and torch.equal(a.packed, b.packed)
+    ids = torch.randint(0, 512, (1, 9))
+    assert torch.equal(logits(ours, ids), logits(again, ids))
+    plain = qk.load_adapter(tiny_llama(2), str(tmp_path), compute_dtype=torch.float32)   # converts, then loads
+    assert torch.equal(logits(ours, ids), logits(plain, ids))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), "r must be an integer >= 1"),
+    (dict(r=-4), "r must be an integer >= 1"),
+    (dict(r=2.5), "r must be an integer >= 1"),
+    (dict(lora_alpha=0), "lora_alpha must be"),
+    (dict(lora_dropout=1.0), "lora_dropout must be in"),
+    (dict(blocksize=48), "blocksize must be one of"),
+    (dict(target_modules=["q_proj", "qkv_proj"]), r"\['qkv_proj'\] match no nn.Linear"),
+    (dict(target_modules=[]), "non-empty"),
+])
+def test_bad_arguments(kwargs, match):
+    model = tiny_llama()
+    args = dict(r=8, lora_alpha=16) | kwargs
+    with pytest.raises(ValueError, match=match):
+        qk.convert_to_qlora(model, **args)
+    assert not any(isinstance(m, LoRALinear4bit) for m in model.modules())   # nothing half-converted
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_load_adapter_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        qk.load_adapter(tiny_llama(), str(tmp_path / "missing"))
+    qk.save_adapter(converted(), str(tmp_path))
+    with pytest.raises(ValueError, match="r=8"):
+        qk.load_adapter(qk.convert_to_qlora(tiny_llama(), 4, 8), str(tmp_path))
+    with pytest.raises(ValueError, match="missing key"):
+        qk.load_adapter(_with_extra_layer(), str(tmp_path))
+    with pytest.raises(ValueError, match="no LoRALinear4bit"):
+        qk.save_adapter(tiny_llama(), str(tmp_path / "plain"))
+
+
+def _with_extra_layer():
+    model = qk.convert_to_qlora(tiny_llama(), 8, 16, 0.1, compute_dtype=torch.float32)
+    model.extra = LoRALinear4bit.from_linear(torch.nn.Linear(64, 64), 8, 16, compute_dtype=torch.float32)
+    return model

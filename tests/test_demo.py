@@ -1,0 +1,110 @@
+"""`qlora-kernels demo`: a short run end to end (table, plot, finite and matching losses) and the CLI's errors."""
+import io
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from qlora_kernels import cli  # noqa: E402
+from qlora_kernels.demo import DemoError, run_demo  # noqa: E402
+
+
+def test_demo_short_run(tmp_path, monkeypatch):
+    # the demo's own path on CPU is the C++ extension: no Triton interpreter (conftest turns it on for the ops)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = io.StringIO()
+    res = run_demo(steps=12, out_dir=str(tmp_path), device="cpu", progress=False, out=out)
+    text = out.getvalue()
+    assert "| run | final loss | step time (ms) | tokens/s | peak memory" in text
+    assert "| qlora_kernels |" in text and "| reference (PyTorch) |" in text
+    assert "MAE $" in text and "before fine-tuning" in text
+    png = tmp_path / "demo_loss.png"
+    assert res["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in res["runs"]:
+        assert len(run.losses) == 12 and all(math.isfinite(v) for v in run.losses)
+        assert run.step_s > 0 and run.tokens_per_s > 0
+    ours, ref = res["runs"]
+    assert ours.losses[0] == pytest.approx(ref.losses[0], rel=1e-5)     # same model, batch and dropout masks
+    assert res["relative_difference"] < 0.01
+    assert ours.losses[-1] < ours.losses[0]                             # it learns
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "expected a positive integer"),
+    (["--steps", "ten"], "expected a positive integer"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--threads", "-1"], "expected a positive integer"),
+    (["--lr", "nan"], "expected a positive number"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_unreadable_model(tmp_path, capsys):
+    assert cli.main(["demo", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qlora-kernels demo: error: cannot read model") and len(err.splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    assert cli.main(["demo", "--model", str(bad)]) == 2                 # a directory without config.json
+    assert "no config.json" in capsys.readouterr().err
+    (bad / "config.json").write_text("{not json")
+    assert cli.main(["demo", "--model", str(bad), "--out", str(tmp_path)]) == 2   # the loader's failure, one line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qlora-kernels demo: error: cannot load a causal LM") and len(err.splitlines()) == 1
+
+
+def test_demo_bad_values(tmp_path):
+    with pytest.raises(DemoError, match="steps must be > 0"):
+        run_demo(steps=0, out_dir=str(tmp_path), device="cpu", progress=False, out=io.StringIO())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DemoError, match="larger than the training set"):
+        run_demo(steps=1, batch_size=10**6, out_dir=str(tmp_path), device="cpu", progress=False, out=io.StringIO())
+    if not torch.cuda.is_available():
+        with pytest.raises(DemoError, match="no CUDA device"):
+            run_demo(steps=1, out_dir=str(tmp_path), device="cuda", progress=False, out=io.StringIO())
+    with pytest.raises(DemoError, match="cannot create output directory"):
+        run_demo(steps=1, out_dir=str(blocker / "sub"), device="cpu", progress=False, out=io.StringIO())
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point: unreadable --model is one line on stderr and exit code 2."""
+    proc = subprocess.run([sys.executable, "-m", "qlora_kernels.cli", "demo", "--model", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"qlora-kernels demo: error: cannot read model at "
+                                                f"'{tmp_path / 'x'}': no such directory"]
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_reference_layer_drops_what_ours_drops(interpret, monkeypatch):
+    """The demo's reference LoRA forward draws the same dropout mask as the op (Triton's Philox or the CPU
+    generator), so the two runs see identical dropout."""
+    from qlora_kernels.demo import _reference_lora_forward
+    from qlora_kernels.nn import LoRALinear4bit
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    layer = LoRALinear4bit.from_linear(torch.nn.Linear(128, 192), 8, 16, 0.25, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 128)
+    torch.manual_seed(7)
+    ours = layer(x)
+    torch.manual_seed(7)
+    ref = _reference_lora_forward(layer, x)
+    torch.manual_seed(8)
+    other = _reference_lora_forward(layer, x)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert (ours - other).abs().max() > 1e-2
