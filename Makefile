@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TEST_PEERS := pytest pytest-benchmark bitsandbytes==0.50.2 peft==0.21.2 transformers==5.24.0 accelerate==1.15.0
+TEST_PEERS := pytest pytest-benchmark bitsandbytes==0.50.2 peft==0.21.2 transformers==5.24.0 accelerate==1.15.0 \
+              matplotlib==3.11.2 tqdm
 
 .PHONY: demo test clean
 
