@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-SUITES = {"nf4": "bench_nf4", "lora": "bench_nf4_lora_linear", "ce": "bench_cross_entropy", "adamw": "bench_adamw"}
+SUITES = {"nf4": "bench_nf4", "lora": "bench_nf4_lora_linear", "ce": "bench_cross_entropy", "adamw": "bench_adamw",
+          "e2e": "bench_e2e"}
 
 
 def demo(args) -> int:
