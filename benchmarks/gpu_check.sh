@@ -27,8 +27,11 @@ stage() { echo "== $(date +%T) $*"; }
   export PYTHONPATH="$HOME/qk:${PYTHONPATH:-}"
   python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"
   stage "tests on CUDA"
-  timeout 110 python -m pytest tests -q -x -m "not slow" -p no:cacheprovider 2>&1 | tail -25
-  for bench in benchmarks/bench_*.py; do
+  # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
+  timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -q -x -m "not slow" -p no:cacheprovider 2>&1 | tail -25
+  # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds
+  benches=$(if [ -n "${BENCHES:-}" ]; then printf 'benchmarks/bench_%s.py ' $BENCHES; else ls benchmarks/bench_*.py; fi)
+  for bench in $benches; do
     stage "$bench"
     timeout "${BENCH_TIMEOUT:-75}" python -m "benchmarks.$(basename "$bench" .py)" --out "$OUT" > "$OUT/$(basename "$bench" .py).log" 2>&1 \
       || { echo "FAILED or timed out:"; tail -5 "$OUT/$(basename "$bench" .py).log"; }
