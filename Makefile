@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_PEERS := pytest pytest-benchmark bitsandbytes==0.50.2 peft==0.21.2 transformers==5.24.0 accelerate==1.15.0 \
-              matplotlib==3.11.2 tqdm
+              matplotlib==3.11.2 tqdm trl==1.16.0 datasets==5.2.0
 
 .PHONY: demo test clean
 

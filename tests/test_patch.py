@@ -268,6 +268,25 @@ def test_skips_dora_fp4_and_several_adapters(checkpoint):
     assert no_patch_left(two)
 
 
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen3"])
+def test_loss_patch_on_other_llama_family_models(arch):
+    """Mistral and Qwen3 share Llama's causal-LM forward: a plain (unquantized) model gets the fused loss."""
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                 max_position_embeddings=64, head_dim=16)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    ids, labels = batch()
+    ref_out, ref_grads = loss_and_grads(model, ids, labels)
+    report = patch_model(model)
+    assert report.loss_patched and not report.patched and report.model_class == f"{arch}ForCausalLM"
+    out, grads = loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-4, msg="loss")
+    assert_grads_close(grads, ref_grads, rel=1e-3)
+    unpatch_model(model)
+    assert no_patch_left(model)
+
+
 def test_unsupported_model_class_leaves_the_loss():
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg)
@@ -319,28 +338,41 @@ def _spy_kernels(monkeypatch):
     return calls
 
 
+def _train(trainer_cls, model, tmp_path, steps, dataset, train=True, **kw):
+    args_cls = transformers.TrainingArguments if trainer_cls is transformers.Trainer else kw.pop("config_cls")
+    extra = kw.pop("args", {})
+    args = args_cls(output_dir=str(tmp_path), max_steps=steps, learning_rate=2e-2, lr_scheduler_type="constant",
+                    logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                    max_grad_norm=0.0, **_checkpointing(), **extra)          # FusedAdamW clips (0.3)
+    opt = FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, max_grad_norm=0.3)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, optimizers=(opt, None), **kw)
+    if train:
+        trainer.train()
+    return trainer
+
+
 def test_trainer_with_fused_adamw_and_checkpointing(checkpoint, tmp_path, monkeypatch, native_cpu):
+    """Trainer + FusedAdamW + checkpointing + gradient accumulation (num_items_in_batch): the patched run
+    follows the unpatched one step for step."""
+    steps, accum = 4, 2
+    opts = dict(args=dict(per_device_train_batch_size=2, gradient_accumulation_steps=accum))
+    ref = _losses(_train(transformers.Trainer, load(checkpoint), tmp_path / "ref", steps, _lm_rows(8), **opts))
     calls = _spy_kernels(monkeypatch)
     model = load(checkpoint)
     patch_model(model)
-    steps, accum = 4, 2
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=accum,
-        learning_rate=2e-2, lr_scheduler_type="constant", logging_steps=1, use_cpu=True, report_to=[],
-        save_strategy="no", disable_tqdm=True, max_grad_norm=0.0, **_checkpointing())   # FusedAdamW clips
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_lm_rows(8),
-                                   optimizers=(FusedAdamW([p for p in model.parameters() if p.requires_grad],
-                                                          lr=2e-2, max_grad_norm=0.3), None))
+    trainer = _train(transformers.Trainer, model, tmp_path / "ours", steps, _lm_rows(8), **opts)
     assert trainer.model_accepts_loss_kwargs    # num_items_in_batch reaches the patched forward
-    trainer.train()
-    _assert_trains(_losses(trainer), steps)
+    losses = _losses(trainer)
+    _assert_trains(losses, steps)
+    assert_close(torch.tensor(losses), torch.tensor(ref), atol=1e-3, rtol=2e-2, msg="patched vs unpatched losses")
     assert calls["ce"] == steps * accum
     assert calls["lora"] == steps * accum * 14 * 2       # forward + the checkpointed recompute
     unpatch_model(model)
     assert no_patch_left(model)
 
 
-def test_sft_trainer(checkpoint, tmp_path, monkeypatch, native_cpu):
+@pytest.mark.parametrize("order", ["patch-then-trainer", "trainer-then-patch"])
+def test_sft_trainer(checkpoint, tmp_path, monkeypatch, native_cpu, order):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     gen = torch.Generator().manual_seed(0)
@@ -352,27 +384,27 @@ def test_sft_trainer(checkpoint, tmp_path, monkeypatch, native_cpu):
         rows["completion"].append(f"{price * 25:02d}.00")
     calls = _spy_kernels(monkeypatch)
     model = load(checkpoint)
-    report = patch_model(model)
-    assert len(report.patched) == 14
     steps = 4
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                         learning_rate=2e-2, lr_scheduler_type="constant", logging_steps=1, use_cpu=True,
-                         bf16=False, report_to=[], save_strategy="no", disable_tqdm=True, max_length=SEQ,
-                         max_grad_norm=0.0, **_checkpointing())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows),
-                             processing_class=tokenizer,
-                             optimizers=(FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2,
-                                                    max_grad_norm=0.3), None))
-    trainer.train()
+    opts = dict(config_cls=trl.SFTConfig, processing_class=transformers.AutoTokenizer.from_pretrained(checkpoint),
+                args=dict(per_device_train_batch_size=4, bf16=False, max_length=SEQ))
+    if order == "patch-then-trainer":
+        report = patch_model(model)
+        trainer = _train(trl.SFTTrainer, model, tmp_path, steps, datasets.Dataset.from_dict(rows), **opts)
+    else:   # the one-line patch after the trainer is built: trainer.model is the PEFT model
+        trainer = _train(trl.SFTTrainer, model, tmp_path, steps, datasets.Dataset.from_dict(rows), train=False,
+                         **opts)
+        report = patch_model(trainer.model)
+        trainer.train()
+    assert len(report.patched) == 14 and report.loss_patched
     _assert_trains(_losses(trainer), steps)
     assert calls["lora"] == steps * 14 * 2               # forward + the checkpointed recompute
     # TRL 1.x installs its own chunked LM head on the base model and asks for it (`fused_lm_head=True`): the
     # patched loss forward hands such calls to it, so the loss is TRL's, computed without full logits too
     assert calls["ce"] == 0
     unpatch_model(model)
-    # TRL keeps its own fused LM head on the base model; our LoRA layers are back to PEFT's
     assert all("forward" not in m.__dict__ for n, m in model.named_modules() if n in report.patched)
+    trl_forward = model.get_base_model().__dict__["forward"]   # TRL's head stays, ours is gone
+    assert not getattr(trl_forward.__func__, "_qlora_kernels_patch", False)
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -390,9 +422,15 @@ def test_ddp_gloo_matches_one_process(checkpoint, tmp_path, native_cpu):
 
     worker = os.path.join(os.path.dirname(__file__), "_patch_ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if os.path.exists("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")      # loopback: no dependence on the host name's address
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, checkpoint,
            str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        pytest.fail(f"DDP run timed out; its output:\n{out[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(tmp_path / "ddp_result.pt")
     assert_close(result["loss"], out.loss.detach(), atol=1e-5, rtol=1e-4, msg="summed rank losses")

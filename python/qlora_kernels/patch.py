@@ -1,0 +1,299 @@
+"""Patch a Hugging Face QLoRA model (transformers + bitsandbytes NF4 + PEFT LoRA) to run on qlora_kernels.
+
+`patch_model(model)` changes forwards per instance, never classes, and nothing happens at import time:
+
+- every PEFT `lora.bnb.Linear4bit` over a `bnb.nn.Linear4bit` holding NF4 codes gets an instance `forward`
+  that calls `nf4_lora_linear` on bitsandbytes' own storage (`NF4Weight.from_bnb`: a view, no copy);
+- the causal LM (Llama, Mistral, Qwen2, Qwen3) gets an instance `forward` that, when `labels` (or
+  `shift_labels`) are passed, computes the loss with `fused_linear_cross_entropy` on the final hidden states,
+  so the (tokens x vocab) logits are never built. Such calls return `logits=None`.
+
+Each patched forward checks, per call, that the fast path still applies (adapters enabled, not merged, one
+active plain-LoRA adapter, NF4 storage not repacked, no extra arguments) and otherwise calls the forward it
+replaced, so `disable_adapter()`, `merge_adapter()`, `set_adapter()` and generation keep PEFT's and
+transformers' behaviour. `unpatch_model(model)` deletes the instance attributes and restores what was there.
+"""
+import dataclasses
+import functools
+import inspect
+import types
+
+import torch
+
+_STATE = "_qlora_kernels_patch"          # per-instance state: {"prev": the instance forward replaced, or None}
+LOSS_MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What `patch_model` changed: LoRA layers patched, layers left as they were (with the reason), the loss."""
+    patched: list = dataclasses.field(default_factory=list)     # module names
+    skipped: dict = dataclasses.field(default_factory=dict)     # module name -> reason
+    loss_patched: bool = False
+    loss_reason: str = ""                                       # why the loss was not patched ("" if it was)
+    model_class: str = ""
+
+    def __str__(self):
+        lines = [f"qlora_kernels.patch_model: {self.model_class or 'model'}",
+                 f"  LoRA NF4 layers patched: {len(self.patched)}",
+                 f"  layers left as they are: {len(self.skipped)}"]
+        lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
+        lines.append("  loss: fused linear cross-entropy (logits=None when labels are passed)" if self.loss_patched
+                     else f"  loss: not patched ({self.loss_reason})")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _unwrap(model):
+    """The module under DDP / DataParallel wrappers."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _prev_forward(module):
+    """The forward a patch replaces: the instance attribute if one is set (e.g. an accelerate hook), else None."""
+    return module.__dict__.get("forward")
+
+
+def _original(module):
+    """The forward to fall back to: the replaced instance forward, or the class's."""
+    state = module.__dict__.get(_STATE)
+    prev = state["prev"] if state else None
+    return prev if prev is not None else types.MethodType(type(module).forward, module)
+
+
+def _is_ours(fn):
+    return isinstance(fn, types.MethodType) and getattr(fn.__func__, "_qlora_kernels_patch", False)
+
+
+def _install(module, fn):
+    if _STATE in module.__dict__:          # already patched: keep the first original
+        return
+    module.__dict__[_STATE] = {"prev": _prev_forward(module)}
+    module.forward = types.MethodType(fn, module)
+
+
+# ----------------------------------------------------------------------------------------- LoRA layers
+def _lora_classes():
+    """(PEFT's lora.bnb.Linear4bit, bnb.nn.Linear4bit, peft's LoraLayer), None where not importable."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None, None, None
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except (ImportError, AttributeError):
+        return None, None, LoraLayer
+    return LoraLinear4bit, bnb.nn.Linear4bit, LoraLayer
+
+
+def _lora_plan(layer, bnb_linear4bit):
+    """(adapter name, None) when nf4_lora_linear can serve `layer` as it is now, else (None, reason)."""
+    base = layer.get_base_layer()
+    if not isinstance(base, bnb_linear4bit):
+        return None, f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit"
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is None:
+        return None, "weight not quantized (quant_state is None)"
+    if qs.quant_type != "nf4":
+        return None, f"quant_type {qs.quant_type!r} (only 'nf4' is served)"
+    if getattr(qs, "packing_format_for_cpu", False):
+        return None, "weight repacked by bitsandbytes for CPU inference"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters (exactly one is served)"
+    name = active[0]
+    if layer.use_dora.get(name, False) or name in getattr(layer, "lora_magnitude_vector", {}):
+        return None, f"DoRA (adapter {name!r})"
+    if name in getattr(layer, "lora_variant", {}):
+        return None, f"LoRA variant {type(layer.lora_variant[name]).__name__} (adapter {name!r})"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return None, f"lora_bias=True (adapter {name!r})"
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    if type(A) is not torch.nn.Linear or type(B) is not torch.nn.Linear:
+        return None, f"LoRA modules are {type(A).__name__}/{type(B).__name__}, not Linear"
+    drop = layer.lora_dropout[name]
+    if not isinstance(drop, (torch.nn.Dropout, torch.nn.Identity)):
+        return None, f"dropout module {type(drop).__name__}"
+    return name, None
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    """PEFT's Linear4bit forward for one active NF4 LoRA adapter, via nf4_lora_linear (else the original)."""
+    from bitsandbytes.nn import Linear4bit
+    from qlora_kernels.nf4_weight import NF4Weight
+    from qlora_kernels.ops.nf4_lora_linear import nf4_lora_linear
+
+    orig = _original(self)
+    if (_STATE not in self.__dict__ or args or any(v is not None for v in kwargs.values())
+            or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor)
+            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+        return orig(x, *args, **kwargs)
+    name, _ = _lora_plan(self, Linear4bit)
+    if name is None:
+        return orig(x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight = base.weight
+    qs = weight.quant_state
+    packed = weight.data if weight.dtype == torch.uint8 else weight.data.view(torch.uint8)
+    qweight = NF4Weight.from_bnb(packed, quant_state=qs)
+    compute = base.compute_dtype or x.dtype
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    bias = base.bias.to(compute) if base.bias is not None else None
+    y = nf4_lora_linear(x.to(compute), qweight, self.lora_A[name].weight, self.lora_B[name].weight,
+                        scaling=float(self.scaling[name]), bias=bias, dropout_p=p, training=drop.training)
+    return y.to(x.dtype)
+
+
+_lora_forward._qlora_kernels_patch = True
+
+
+# ----------------------------------------------------------------------------------------- causal-LM loss
+def _find_causal_lm(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _unwrap(base)
+
+
+def _loss_plan(lm):
+    """None when the causal LM's loss can be fused, else the reason."""
+    cls = type(lm).__name__
+    if cls not in LOSS_MODEL_CLASSES:
+        return f"{cls} is not a supported causal LM ({', '.join(LOSS_MODEL_CLASSES)})"
+    head = lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"lm_head is {type(head).__name__}, not a plain nn.Linear"
+    if getattr(lm.config, "final_logit_softcapping", None) is not None:
+        return "final_logit_softcapping is set"
+    fn = getattr(lm, "loss_function", None)
+    if getattr(fn, "__name__", "") != "ForCausalLMLoss":
+        return f"custom loss_function {getattr(fn, '__name__', fn)!r}"
+    return None
+
+
+def _lm_loss_forward(self, *args, **kwargs):
+    """The causal LM's forward; with labels, the loss comes from fused_linear_cross_entropy and logits=None."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from qlora_kernels.ops.cross_entropy import fused_linear_cross_entropy
+
+    orig = _original(self)
+    state = self.__dict__.get(_STATE)
+    if state is None or "fused_lm_head" in kwargs:       # unpatched, or TRL's own fused head asked for
+        return orig(*args, **kwargs)
+    sig = state.get("sig")
+    if sig is None:
+        sig = state["sig"] = inspect.signature(orig)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return orig(*args, **kwargs)
+    params = dict(bound.arguments)
+    extra = {}
+    for pname, p in sig.parameters.items():
+        if p.kind == inspect.Parameter.VAR_KEYWORD:
+            extra = dict(params.pop(pname, {}))
+    labels = params.pop("labels", None)
+    shift_labels = extra.get("shift_labels")
+    logits_to_keep = params.get("logits_to_keep", 0)
+    if (labels is None and shift_labels is None) or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return orig(*args, **kwargs)
+    params.pop("logits_to_keep", None)
+    extra.pop("shift_labels", None)
+    num_items = extra.pop("num_items_in_batch", None)
+    ignore_index = extra.pop("ignore_index", -100)
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+
+    outputs = self.model(**params, **extra)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    head = self.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(weight.device), bias=bias,
+                                      ignore_index=ignore_index, reduction="mean" if num_items is None else "sum")
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
+                                 hidden_states=getattr(outputs, "hidden_states", None),
+                                 attentions=getattr(outputs, "attentions", None))
+    return out if return_dict else out.to_tuple()
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_forward_for(cls):
+    """_lm_loss_forward carrying `cls.forward`'s signature (Trainer and generate inspect it)."""
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        return _lm_loss_forward(self, *args, **kwargs)
+    forward._qlora_kernels_patch = True
+    return forward
+
+
+# ----------------------------------------------------------------------------------------- API
+def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True) -> PatchReport:
+    """Route a QLoRA causal LM through qlora_kernels, per instance; returns what was (not) patched.
+
+    `model`: a PEFT model (or the transformers model inside it, or either under DDP) whose projections are
+    PEFT LoRA layers over bitsandbytes `Linear4bit` NF4 weights.
+    `lora_linear`: each such layer with one active plain-LoRA adapter runs `nf4_lora_linear` on bitsandbytes'
+    storage (scaling incl. rslora, dropout, bias, compute dtype honoured; output in the input's dtype).
+    DoRA, fp4, several active adapters, lora_bias, ... are left as they are and listed with the reason.
+    `cross_entropy`: with `labels`, the causal LM's loss is `fused_linear_cross_entropy` on the final hidden
+    states (labels shifted by one, ignore_index -100, `num_items_in_batch` -> sum / num_items_in_batch) and
+    the returned `logits` is None (a batch with no labelled token gives loss 0, where HF gives NaN); without
+    labels, or with `logits_to_keep` != 0, the model's own forward runs and returns its logits. TRL's SFTTrainer computes
+    its loss with its own fused LM head (`fused_lm_head=True`), which this patch passes through untouched.
+    Patching twice is a no-op; `unpatch_model` reverts.
+    """
+    LoraLinear4bit, BnbLinear4bit, LoraLayer = _lora_classes()
+    root = _unwrap(model)
+    report = PatchReport()
+    lm = _find_causal_lm(root)
+    report.model_class = type(lm).__name__
+    if lora_linear:
+        for name, module in root.named_modules():
+            if LoraLayer is None or not isinstance(module, LoraLayer):
+                continue
+            if LoraLinear4bit is None or not isinstance(module, LoraLinear4bit):
+                report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not PEFT's " \
+                                       "lora.bnb.Linear4bit"
+                continue
+            adapter, reason = _lora_plan(module, BnbLinear4bit)
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            _install(module, _lora_forward)
+            report.patched.append(name)
+    if cross_entropy:
+        reason = _loss_plan(lm)
+        if reason is None:
+            _install(lm, _lm_forward_for(type(lm)))
+            report.loss_patched = True
+        else:
+            report.loss_reason = reason
+    else:
+        report.loss_reason = "cross_entropy=False"
+    return report
+
+
+def unpatch_model(model: torch.nn.Module) -> int:
+    """Undo `patch_model`: delete the instance forwards it set (restoring any it replaced). Returns the number
+    of modules restored. A patched forward that something else wrapped afterwards stays in that wrapper's
+    chain but behaves as the original from now on."""
+    count = 0
+    for module in _unwrap(model).modules():
+        state = module.__dict__.pop(_STATE, None)
+        if state is None:
+            continue
+        if _is_ours(module.__dict__.get("forward")):
+            if state["prev"] is None:
+                del module.forward
+            else:
+                module.forward = state["prev"]
+        count += 1
+    return count
