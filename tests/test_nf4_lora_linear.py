@@ -278,7 +278,11 @@ _MOD = "qlora_kernels.kernels.nf4_lora_linear"
 
 def _case(kernel, sig, consts, num_warps, num_stages):
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    return CompileCase(_MOD, kernel, sig, consts, num_warps, num_stages)
+    # model shapes launch with every pointer, size and leading stride a multiple of 16, which triton
+    # specializes on (the code differs: 1408 vs 2048 SASS instructions for the forward tile)
+    aligned = tuple(n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in ("M", "R")
+                                                                         and not n.endswith(("xk", "br", "dyn", "ak"))))
+    return CompileCase(_MOD, kernel, sig, consts, num_warps, num_stages, aligned)
 
 
 def _compile_cases():
