@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "nf4_codes.h"
 
@@ -46,11 +49,48 @@ void quantize_blocks(const T* x, int64_t n, int64_t blocksize, uint8_t* packed, 
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16-bit outputs, 64 per step: the 16-entry table split into low and high bytes, looked up with pshufb.
+// Returns how many leading bytes of `bytes` it expanded (a multiple of 32).
+__attribute__((target("avx2"))) int64_t expand_avx2(const uint8_t* bytes, int64_t nbytes, const uint16_t* table,
+                                                   uint16_t* dst) {
+  alignas(16) uint8_t low[16], high[16];
+  for (int k = 0; k < 16; ++k) {
+    low[k] = static_cast<uint8_t>(table[k]);
+    high[k] = static_cast<uint8_t>(table[k] >> 8);
+  }
+  const __m256i tab_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(low)));
+  const __m256i tab_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(high)));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  int64_t j = 0;
+  for (; j + 32 <= nbytes; j += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + j));
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);  // element 2i: high nibble
+    const __m256i odd = _mm256_and_si256(b, nibble);
+    // codes in element order, per 128-bit lane; the permutes put the lanes back in order
+    const __m256i c_lo = _mm256_unpacklo_epi8(even, odd), c_hi = _mm256_unpackhi_epi8(even, odd);
+    const __m256i codes[2] = {_mm256_permute2x128_si256(c_lo, c_hi, 0x20), _mm256_permute2x128_si256(c_lo, c_hi, 0x31)};
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo = _mm256_shuffle_epi8(tab_lo, codes[h]), hi = _mm256_shuffle_epi8(tab_hi, codes[h]);
+      const __m256i v0 = _mm256_unpacklo_epi8(lo, hi), v1 = _mm256_unpackhi_epi8(lo, hi);
+      __m256i* o = reinterpret_cast<__m256i*>(dst + 2 * j + 32 * h);
+      _mm256_storeu_si256(o, _mm256_permute2x128_si256(v0, v1, 0x20));
+      _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(v0, v1, 0x31));
+    }
+  }
+  return j;
+}
+#define QK_HAVE_AVX2_DEQUANT 1
+#endif
+
 // Per block, the 16 possible outputs are computed once (code * scale, rounded to T): the same single
-// rounding as per element, then every byte is two table reads.
+// rounding as per element, then every byte is two table reads (pshufb on AVX2 for 16-bit outputs).
 template <typename T>
 void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize, T* out) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#ifdef QK_HAVE_AVX2_DEQUANT
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+#endif
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     T table[16];
@@ -58,7 +98,13 @@ void dequantize_blocks(const uint8_t* packed, const float* absmax, int64_t n, in
     const int64_t start = b * blocksize, len = std::min(n, start + blocksize) - start;
     const uint8_t* bytes = packed + start / 2;  // start is even: blocksize is
     T* dst = out + start;
-    for (int64_t j = 0; j < len / 2; ++j) {
+    int64_t j = 0;
+#ifdef QK_HAVE_AVX2_DEQUANT
+    if constexpr (sizeof(T) == 2) {
+      if (avx2) j = expand_avx2(bytes, len / 2, reinterpret_cast<const uint16_t*>(table), reinterpret_cast<uint16_t*>(dst));
+    }
+#endif
+    for (; j < len / 2; ++j) {
       dst[2 * j] = table[bytes[j] >> 4];
       dst[2 * j + 1] = table[bytes[j] & 0xF];
     }
