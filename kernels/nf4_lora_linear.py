@@ -28,6 +28,8 @@ FWD_CONFIGS = [
     dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BM=64, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=4),
+    # half the dequantization work per FLOP (each weight tile feeds 256 rows); 256x128 spills under triton 3.9
+    dict(BM=256, BN=64, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 # Forward, M <= 16 (decode): bandwidth-bound on the packed weight. M padded to one 16-row MMA (mma.sync;
 # wgmma needs 64 rows); narrow N tiles give N / BN programs (>= 128 for N >= 4096), each streaming rows of
