@@ -293,16 +293,22 @@ def colsum_kernel(x_ptr, out_ptr, limit_ptr, limit_offset, n_rows, n_cols, strid
 
 
 @triton.jit
-def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset, M, N, K,
+def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset, rows_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                          ACCUMULATE: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
+                          SCATTER_C: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """C (+)= A @ B (+ bias[n]) with fp32 accumulation, where the rows (LIMIT_M) or the reduction
     (LIMIT_K) stop at *limit_ptr - limit_offset, read on the device. Persistent: each program loops over
     the output tiles that exist below that bound (none for a chunk past the last labelled row), so a GEMM
     over a buffer of N compacted rows costs only the rows that exist, with no host sync. Strides give the
-    transposes. UPCAST: fp32 operands for tl.dot (the interpreter's bf16 dot is broken)."""
+    transposes. UPCAST: fp32 operands for tl.dot (the interpreter's bf16 dot is broken).
+
+    Row indirection through rows_ptr (int64, one entry per row of the GEMM): GATHER_A reads row m of A
+    at rows[m], GATHER_B reads reduction row k of B at rows[k], SCATTER_C writes row m of C at rows[m].
+    The linear cross-entropy reads and writes the labelled rows of hidden / its gradient in place this
+    way instead of through compacted (N, H) copies."""
     limit = tl.load(limit_ptr).to(tl.int64) - limit_offset
     m_end = M
     k_end = K
@@ -325,12 +331,18 @@ def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset
         # rows and columns wrap (% M, % N) instead of masking the loads: what they read is never stored
         rm = (pid_m.to(tl.int64) * BM + tl.arange(0, BM)) % M
         rn = (pid_n.to(tl.int64) * BN + tl.arange(0, BN)) % N
+        if GATHER_A:
+            rm = tl.load(rows_ptr + rm)
         a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
         b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
         acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, k_end, BK):
-            a = tl.load(a_ptrs, mask=k0 + rk[None, :] < k_end, other=0.0)
-            b = tl.load(b_ptrs, mask=k0 + rk[:, None] < k_end, other=0.0)
+            kmask = k0 + rk < k_end
+            if GATHER_B:
+                b_ptrs = b_ptr + tl.load(rows_ptr + k0 + rk, mask=kmask, other=0)[:, None] * stride_bk \
+                    + rn[None, :] * stride_bn
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -344,8 +356,10 @@ def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset
         rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
         cmask = (rm[:, None] < m_end) & (rn[None, :] < N)
+        if SCATTER_C:
+            rm = tl.load(rows_ptr + rm, mask=rm < m_end, other=0)
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
         if ACCUMULATE:
             acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)

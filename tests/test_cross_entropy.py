@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_kernels import _backend
 from qlora_kernels.kernels.cross_entropy import MM_ACC_CONFIGS, MM_CONFIGS, MM_DGRAD_CONFIGS
@@ -269,6 +270,38 @@ def test_linear_extra_memory_bounded(monkeypatch, device):
     assert ops.linear_ce_chunk_rows(128256, torch.bfloat16, 1 << 40, 100) == 100
 
 
+class _RecordAllocations(TorchDispatchMode):
+    """Shapes of the fresh tensors (not views, not in-place results) that torch ops return."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func.__name__.split(".")[0].endswith("_"):
+            self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,))
+                            if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_allocates_no_hidden_sized_copies(device):
+    """The device path reads the labelled rows of hidden and writes their gradient rows through an index:
+    beyond the (N, H) gradient it returns, its only large buffer is the (rows, V) logits chunk."""
+    n, H, V, budget = 256, 64, 1000, 8 * 1000 * 4
+    h = torch.randn(n, H, device=device)
+    w = torch.randn(V, H, device=device) / 8
+    labels = _labels(n, V, 0.5, device=device)
+    with _RecordAllocations() as rec:
+        loss, grad_h, _, _ = ops._linear_ce_triton(h, w, None, labels, None, (-100, 0.0, 0.0, None), True,
+                                                   True, False, False, budget)
+    large = [s for s in rec.shapes if len(s) == 2 and s[0] * s[1] >= n * H // 4]
+    assert sorted(large) == sorted([(8, V), (n, H)]), large
+    expected = F.cross_entropy(h @ w.t(), labels, reduction="none")
+    assert_close(loss, expected, atol=1e-4, rtol=1e-4, msg="loss")
+
+
 def test_linear_time_falls_with_labelled_fraction():
     """CPU path: only labelled rows are computed, so 3 % labelled is far cheaper than 100 %."""
     n, H, V = 1024, 64, 8192
@@ -397,21 +430,23 @@ def _mm_cases():
     divisible by 16 (as Triton specializes H, V and the chunk rows at launch)."""
     cases = []
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
-    for arch, out, unit, flags in (
-            (90, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=True)),
-            (90, "bf16", ("stride_ak", "stride_bn", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=False)),
-            (90, "fp32", ("stride_am", "stride_bn", "stride_cn"), dict(LIMIT_M=False, LIMIT_K=True, HAS_BIAS=False)),
-            (80, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, LIMIT_K=False, HAS_BIAS=True))):
+    gemms = (  # arch, output, unit strides, flags: logits, input gradient, weight gradient
+        (90, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, HAS_BIAS=True, GATHER_A=True)),
+        (90, "bf16", ("stride_ak", "stride_bn", "stride_cn"), dict(LIMIT_M=True, SCATTER_C=True)),
+        (90, "fp32", ("stride_am", "stride_bn", "stride_cn"), dict(LIMIT_K=True, GATHER_B=True)),
+        (80, "bf16", ("stride_ak", "stride_bk", "stride_cn"), dict(LIMIT_M=True, HAS_BIAS=True, GATHER_A=True)))
+    off = dict.fromkeys(("LIMIT_M", "LIMIT_K", "HAS_BIAS", "GATHER_A", "GATHER_B", "SCATTER_C"), False)
+    for arch, out, unit, flags in gemms:
         acc = out == "fp32"
         dgrad = "stride_bn" in unit and not acc
         mm = dict((MM_ACC_CONFIGS if acc else MM_DGRAD_CONFIGS if dgrad else MM_CONFIGS)[arch // 10])
         warps, stages = mm.pop("num_warps"), mm.pop("num_stages")
         sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": f"*{out}", "bias_ptr": "*bf16", "limit_ptr": "*i32",
-               "limit_offset": "i64", "M": "i32", "N": "i32", "K": "i32"}
+               "limit_offset": "i64", "rows_ptr": "*i64", "M": "i32", "N": "i32", "K": "i32"}
         sig.update({s: "constexpr" if s in unit else "i64" for s in strides})
-        sig.update({k: "constexpr" for k in ("LIMIT_M", "LIMIT_K", "HAS_BIAS", "ACCUMULATE", "UPCAST", "IEEE", "BM",
-                                              "BN", "BK", "GROUP_M")})
-        consts = {**{s: 1 for s in unit}, **flags, "ACCUMULATE": acc, "UPCAST": False, "IEEE": False, **mm}
+        sig.update({k: "constexpr" for k in ("LIMIT_M", "LIMIT_K", "HAS_BIAS", "ACCUMULATE", "GATHER_A", "GATHER_B",
+                                              "SCATTER_C", "UPCAST", "IEEE", "BM", "BN", "BK", "GROUP_M")})
+        consts = {**{s: 1 for s in unit}, **off, **flags, "ACCUMULATE": acc, "UPCAST": False, "IEEE": False, **mm}
         # launch-time divisibility by 16 of pointers, sizes and strides (without it every GEMM spills)
         aligned = tuple(n for n, t in sig.items() if t.startswith("*") or (t in ("i32", "i64") and n != "limit_offset"))
         cases.append((arch, CompileCase("qlora_kernels.kernels.cross_entropy", "bounded_matmul_kernel", sig, consts,

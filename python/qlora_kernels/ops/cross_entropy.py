@@ -168,9 +168,13 @@ def _mm_config(device, kind):
 
 
 def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, bias=None, accumulate=False,
-                kind="fwd"):
-    """c (+)= a @ b (+ bias), rows or reduction bounded by limit - limit_offset (device scalar)."""
-    M, K = a.shape
+                kind="fwd", gather_a=None, gather_b=None, scatter_c=None):
+    """c (+)= a @ b (+ bias), rows or reduction bounded by limit - limit_offset (device scalar).
+    gather_a / gather_b / scatter_c: an int64 row index (one entry per GEMM row, or per reduction row for
+    gather_b) through which a's rows are read, b's rows are read, or c's rows are written; a, b or c is then
+    the whole tensor the index points into."""
+    rows = next((t for t in (gather_a, gather_b, scatter_c) if t is not None), None)
+    M, K = (len(gather_a) if gather_a is not None else a.shape[0]), a.shape[1]
     N = b.shape[1]
     kind = "acc" if accumulate else kind
     cfg = dict(_mm_config(a.device, kind))
@@ -178,9 +182,10 @@ def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, b
     persistent = not _backend.interpreting() and os.environ.get("QLORA_KERNELS_MM_PERSISTENT", "1") == "1"
     grid = (min(tiles, _num_sms(a.device) * MM_PROGRAMS_PER_SM[kind]) if persistent else tiles,)
     kernels.bounded_matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, limit, limit_offset, M, N, K, a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), c.stride(0), c.stride(1), LIMIT_M=limit_m, LIMIT_K=limit_k,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=_backend.interpreting(),
+        a, b, c, bias if bias is not None else c, limit, limit_offset, rows if rows is not None else limit, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), LIMIT_M=limit_m,
+        LIMIT_K=limit_k, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, GATHER_A=gather_a is not None,
+        GATHER_B=gather_b is not None, SCATTER_C=scatter_c is not None, UPCAST=_backend.interpreting(),
         IEEE=a.dtype == torch.float32, **cfg)
 
 
@@ -366,7 +371,8 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     dev = h.device
     valid = labels != ignore_index
     count = valid.sum(dtype=torch.int32).reshape(1)
-    # compaction on the device: labelled rows first, in order; positions >= count hold row 0 and are never used
+    # compaction on the device: labelled rows first, in order; positions >= count hold row 0 and are never used.
+    # The GEMMs read hidden's labelled rows and write their gradient rows through idx: no compacted copies.
     pos = valid.cumsum(0) - 1
     target = torch.where(valid, pos, N)
     ar = torch.arange(N, device=dev)
@@ -375,12 +381,11 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     back = torch.where(live, idx, N)                      # compacted position -> original row (N: drop)
     lab_c = torch.where(live, labels[idx], ignore_index)
     gs_c = None if gscale is None else gscale[idx].float().contiguous()
-    hc = h.index_select(0, idx)
     R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
     buf = _alloc_chunk(R, V, h.dtype, dev)
     loss_c = torch.empty(N, dtype=torch.float32, device=dev)
     lse_c = torch.empty(N, dtype=torch.float32, device=dev)
-    grad_hc = torch.empty((N, H), dtype=h.dtype, device=dev) if need_h else None
+    grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None   # unlabelled rows stay 0
     grad_w = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
@@ -388,21 +393,19 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     for s in range(0, N, R):
         r = min(R, N - s)
         lg = buf[:r]
-        _bounded_mm(hc[s:s + r], wt, lg, count, s, limit_m=True, bias=b)
+        rows = idx[s:s + r]
+        _bounded_mm(h, wt, lg, count, s, limit_m=True, bias=b, gather_a=rows)
         _ce_launch(lg, lab_c[s:s + r], loss_c[s:s + r], lse_c[s:s + r], lg if compute_grad else None, count,
                    None if gs_c is None else gs_c[s:s + r], ignore_index=ignore_index, smoothing=smoothing,
                    z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=False)
         if need_h:
-            _bounded_mm(lg, w, grad_hc[s:s + r], count, s, limit_m=True, kind="dgrad")
+            _bounded_mm(lg, w, grad_h, count, s, limit_m=True, kind="dgrad", scatter_c=rows)
         if need_w:
-            _bounded_mm(lg.t(), hc[s:s + r], grad_w, count, s, limit_k=True, accumulate=True)
+            _bounded_mm(lg.t(), h, grad_w, count, s, limit_k=True, accumulate=True, gather_b=rows)
         if need_b:
             kernels.colsum_kernel[(triton.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
                                                           BLOCK_C=256)
     loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
-    grad_h = None
-    if need_h:
-        grad_h = torch.zeros((N + 1, H), dtype=h.dtype, device=dev).index_copy_(0, back, grad_hc)[:N]
     return loss, grad_h, grad_w, grad_b
 
 
