@@ -124,7 +124,7 @@ def main():
         del base, ours, providers
         if device == "cuda":
             torch.cuda.empty_cache()
-    harness.write_results("bench_e2e", rows, args,
+    harness.write_results("e2e", rows, args,
                           notes="one training step: forward, loss, backward, clip 0.3 + AdamW; gradient "
                                 "checkpointing; labels on the last 5 positions of each row")
 

@@ -65,7 +65,7 @@ def main():
     for r in rows:  # ratio to bitsandbytes in the same run
         peer = by_key.get((r["op"], r["shape"], r["double_quant"], "bitsandbytes"))
         r["bnb ms / ours ms"] = peer / r["ms"] if peer else None
-    harness.write_results("bench_nf4", rows, args, notes="bf16 weights, blocksize 64; dequantize to bf16.")
+    harness.write_results("nf4", rows, args, notes="bf16 weights, blocksize 64; dequantize to bf16.")
 
 
 if __name__ == "__main__":

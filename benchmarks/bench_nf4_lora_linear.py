@@ -5,6 +5,7 @@ card's ceiling (bf16 dense FLOP/s, or copy bandwidth on the 4-bit weight bytes f
     python -m benchmarks.bench_nf4_lora_linear [--quick]
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ GPU_SHAPES = [(1, 4096, 4096, 32), (1, 14336, 4096, 32), (16, 4096, 4096, 32), (
               (4096, 4096, 4096, 32), (4096, 14336, 4096, 32), (4096, 4096, 4096, 256)]
 QUICK_SHAPES = [(64, 256, 256, 8)]
 TRAIN_M = 512          # forward+backward only from here (decode has no backward)
+# providers timed with another NF4 code lookup in the GEMMs (QLORA_KERNELS_NF4_LOOKUP, set for the whole step)
+LOOKUP = {"ours": "select", "ours_prmt": "prmt"}
 
 
 def weight_bytes(N, K, blocksize=64):
@@ -45,6 +48,7 @@ def providers(d):
     qw, w, scaling, p = d["qw"], d["w"], d["scaling"], d["p"]
     out = {
         "ours": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
+        "ours_prmt": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),   # see LOOKUP
         "torch_ref": lambda x, A, B: ref.nf4_lora_linear(
             x, qw, A, B, scaling, keep=torch.rand_like(x, dtype=torch.float32) >= p, dropout_p=p,
             upcast=False).to(x.dtype),
@@ -98,7 +102,11 @@ def main():
         for mode in ("fwd", "fwd+bwd") if M >= TRAIN_M or device != "cuda" else ("fwd",):
             base = None
             for name, fn in fns.items():
+                if name in LOOKUP and device != "cuda" and LOOKUP[name] != "select":
+                    continue   # the inline-PTX lookup exists on CUDA only
+                os.environ["QLORA_KERNELS_NF4_LOOKUP"] = LOOKUP.get(name, "select")
                 ms, mem = run_one(fn, d, mode)
+                os.environ.pop("QLORA_KERNELS_NF4_LOOKUP")
                 fl = flops(M, N, K, r, mode) if name != "cublas_bf16" else \
                     (2 if mode == "fwd" else 4) * M * N * K
                 row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": name, "ms": ms,
@@ -106,7 +114,7 @@ def main():
                 if M <= 16:
                     gbs = weight_bytes(N, K) / ms / 1e6
                     row["weight_GB/s"] = gbs
-                    row["frac_ceiling"] = gbs / bw if (bw and name == "ours") else None
+                    row["frac_ceiling"] = gbs / bw if (bw and name in LOOKUP) else None
                 else:
                     row["frac_ceiling"] = fl / ms / 1e9 / harness.BF16_DENSE_TFLOPS
                 if name == "ours":
@@ -123,7 +131,8 @@ def main():
                                 "bare base GEMM on a dense bf16 weight (fwd+bwd: y and dx only): the ceiling. "
                                 "Dropout 0.1 on the LoRA branch for every provider but cublas_bf16. frac_ceiling: "
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
-                                "on the 4-bit weight bytes.")
+                                "on the 4-bit weight bytes. ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
+                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree.")
 
 
 if __name__ == "__main__":

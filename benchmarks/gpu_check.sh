@@ -38,4 +38,4 @@ stage() { echo "== $(date +%T) $*"; }
   done
   stage done
 } 2>&1 | tee "$OUT/gpu_check.log"
-cat "$OUT"/bench_*.md 2>/dev/null
+cat "$OUT"/*.md 2>/dev/null

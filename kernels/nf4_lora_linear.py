@@ -15,7 +15,7 @@ operands are cast to x's dtype (bf16 / fp16 tensor cores) and accumulated in fp3
 import triton
 import triton.language as tl
 
-from .nf4 import round_to_bf16_bits
+from .nf4 import nf4_byte_values, round_to_bf16_bits
 
 # --- configs ---------------------------------------------------------------------------------------
 # Compiled for sm_80 / sm_90 in tests/test_nf4_lora_linear.py (registers, spills, shared, HGMMA).
@@ -36,7 +36,7 @@ FWD_CONFIGS = [
 # packed bytes with 4 stages in flight.
 FWD_SMALL_M_CONFIGS = [
     dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-    dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=8, num_stages=4),   # 4 warps spill with PRMT (triton 3.6)
 ]
 # Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN.
 DX_CONFIGS = [
@@ -76,40 +76,14 @@ def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def nf4_value(i):
-    """NF4 code value (fp32, exact) of 4-bit indices `i` (int32) by a 4-level select tree on their bits.
-
-    No memory gather: a 16-entry table read with tl.load(code + i) per element ran the fused GEMM at
-    ~41 TFLOP/s on an H100 (vs ~200-300 with in-register arithmetic); selects stay in registers.
-    """
-    b0 = (i & 1) != 0
-    b1 = (i & 2) != 0
-    b2 = (i & 4) != 0
-    a0 = tl.where(b0, -0.6961928009986877, -1.0)
-    a1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-    a2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-    a3 = tl.where(b0, 0.0, -0.09105003625154495)
-    a4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-    a5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-    a6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-    a7 = tl.where(b0, 1.0, 0.7229568362236023)
-    c0 = tl.where(b1, a1, a0)
-    c1 = tl.where(b1, a3, a2)
-    c2 = tl.where(b1, a5, a4)
-    c3 = tl.where(b1, a7, a6)
-    d0 = tl.where(b2, c1, c0)
-    d1 = tl.where(b2, c3, c2)
-    return tl.where((i & 8) != 0, d1, d0)
-
-
-@triton.jit
 def nf4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, K,
-             ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+             ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, PRMT: tl.constexpr):
     """fp32 W[rows, col0 : col0 + COLS] of an (n_rows, K) NF4 weight with K % BLOCKSIZE == 0; absmax holds the
     fp32 block scales (the launcher decodes double quant once per call: nblocks * 4 bytes).
 
     COLS <= BLOCKSIZE: one scale per row; otherwise COLS // BLOCKSIZE scales per row. Rows >= n_rows and
-    columns >= K come back finite (callers mask the other operand or the store).
+    columns >= K come back finite (callers mask the other operand or the store). PRMT: the code lookup of
+    nf4_byte_values (inline PTX byte permutes, CUDA only) instead of its select tree.
     """
     rmask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -118,8 +92,9 @@ def nf4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, K,
         b = tl.load(packed_ptr + rows64[:, None] * (K // 2) + (col0 // 2 + half)[None, :],
                     mask=rmask[:, None], other=0)
         scale = tl.load(absmax_ptr + (rows64 * K + col0) // BLOCKSIZE, mask=rmask, other=0.0)[:, None]
-        hi = nf4_value((b >> 4).to(tl.int32)) * scale
-        lo = nf4_value((b & 0xF).to(tl.int32)) * scale
+        hi, lo = nf4_byte_values(b, PRMT)
+        hi *= scale
+        lo *= scale
         return tl.interleave(hi, lo)
     else:
         G: tl.constexpr = COLS // BLOCKSIZE
@@ -130,8 +105,9 @@ def nf4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, K,
         b = tl.load(packed_ptr + byte, mask=gmask[:, :, None], other=0)
         block = (rows64 * K + col0)[:, None] // BLOCKSIZE + g[None, :]
         scale = tl.load(absmax_ptr + block, mask=gmask, other=0.0)[:, :, None]
-        hi = nf4_value((b >> 4).to(tl.int32)) * scale
-        lo = nf4_value((b & 0xF).to(tl.int32)) * scale
+        hi, lo = nf4_byte_values(b, PRMT)
+        hi *= scale
+        lo *= scale
         return tl.reshape(tl.interleave(hi, lo), (ROWS, COLS))
 
 
@@ -155,7 +131,7 @@ def _store_out(out_ptr, offs, mask, acc, OUT_BF16_BITS: tl.constexpr):
 def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
                         M, N, K, R, stride_xm, stride_xk, stride_bn, stride_br,
                         BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        COMPUTE_F32: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+                        COMPUTE_F32: tl.constexpr, OUT_BF16_BITS: tl.constexpr, PRMT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """y (M, N) = x @ dequant(W).T + xa @ B.T + bias; xa (M, R) contiguous, y contiguous.
     The LoRA term runs first, as K-steps of width BK over r, into the same accumulator."""
@@ -181,7 +157,7 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
         w = nf4_tile(packed_ptr, absmax_ptr, rn, k0, N, K,
-                     BN, BK, BLOCKSIZE)
+                     BN, BK, BLOCKSIZE, PRMT)
         if COMPUTE_F32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
@@ -196,8 +172,8 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
 def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, dx_ptr,
                        M, N, K, R, stride_dym, stride_dyn, stride_ar, stride_ak, p,
                        BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       COMPUTE_F32: tl.constexpr,
-                       OUT_BF16_BITS: tl.constexpr, BR: tl.constexpr,
+                       COMPUTE_F32: tl.constexpr, OUT_BF16_BITS: tl.constexpr, PRMT: tl.constexpr,
+                       BR: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """dx (M, K) = dy @ dequant(W) + keep * (g @ A); g (M, R) contiguous, dx contiguous.
 
@@ -229,7 +205,7 @@ def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, d
         rn = n0 + tl.arange(0, BN)
         dy = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mmask[:, None] & (rn < N)[None, :], other=0.0)
         w = nf4_tile(packed_ptr, absmax_ptr, rn, pid_k * BK, N, K,
-                     BN, BK, BLOCKSIZE)
+                     BN, BK, BLOCKSIZE, PRMT)
         if COMPUTE_F32:
             acc = tl.dot(dy.to(tl.float32), w, acc, input_precision="ieee")
         else:

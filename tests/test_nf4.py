@@ -1,4 +1,5 @@
 """NF4 format: every implementation against the reference and against bitsandbytes, byte for byte."""
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,54 @@ def test_gpu_compile_nf4_kernels():
                                  num_warps=kernels.QUANT_NUM_WARPS))
     for report in compile_for_gpu(cases):
         assert_no_spills(report)
+
+
+# --- the code lookups the fused GEMMs use (kernels/nf4.py) ---------------------------------------------------
+
+def test_kernel_code_table_is_the_format():
+    from qlora_kernels.kernels.nf4 import NF4_VALUES
+    assert torch.equal(torch.tensor(NF4_VALUES, dtype=torch.float32), ref.nf4_code())
+
+
+def _prmt(a, b, c):
+    """PTX prmt.b32 (default mode): byte i of the result is byte (nibble i of c) & 7 of the 8 bytes {b, a},
+    replicated sign bit when that nibble's bit 3 is set."""
+    src = (b.astype("uint64") << 32) | a.astype("uint64")
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (src >> (8 * (sel & 7)).astype("uint64")) & 0xFF
+        byte = np.where(sel & 8, np.where(byte & 0x80, 0xFF, 0), byte)
+        out = out | (byte.astype("uint32") << (8 * i))
+    return out.astype("uint32")
+
+
+def _run_ptx(asm, operands):
+    """Execute the straight-line PTX subset of the lookup (mov/and/or/shr/prmt on .b32) on numpy uint32 arrays;
+    `operands` maps $k to an array; returns that map updated with the outputs."""
+    regs = dict(operands)
+    value = lambda tok: regs[tok] if tok in regs else np.uint32(int(tok, 0))  # noqa: E731
+    ops = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "shr.u32": lambda a, b: a >> b, "prmt.b32": _prmt}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *srcs = [t.strip() for t in args.split(",")]
+        regs[dst] = np.asarray(ops[op](*map(value, srcs)), dtype=np.uint32)
+    return regs
+
+
+def test_prmt_lookup_ptx_on_every_code_pattern():
+    """The inline PTX of the CUDA lookup (nf4_byte_values with PRMT), run by a PTX-semantics model on every
+    16-bit pattern in both halves of the packed word, gives the fp32 bits of the format's table."""
+    from qlora_kernels.kernels.nf4 import NF4_PRMT_PTX
+    low = np.arange(1 << 16, dtype=np.uint32)
+    word = low | (((low * 40503) & 0xFFFF) << 16)            # a permutation of the patterns in the high half
+    regs = _run_ptx(NF4_PRMT_PTX.value, {"$8": word})
+    table = ref.nf4_code().numpy().view(np.uint32)
+    for j in range(4):
+        byte = (word >> (8 * j)) & 0xFF
+        assert np.array_equal(regs[f"${j}"], table[byte >> 4]), f"high nibble of byte {j}"
+        assert np.array_equal(regs[f"${j + 4}"], table[byte & 0xF]), f"low nibble of byte {j}"

@@ -91,6 +91,29 @@ def test_matches_reference(device, dtype, shape):
         _compare(qw, x, A, B, b, 2.0, backend)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES + [(300, 256, 512, 16, 64, True)],
+                         ids=lambda s: "x".join(map(str, s[:4])) + f"-bs{s[4]}")
+def test_prmt_lookup_matches_select_tree_cuda(shape, monkeypatch):
+    """QLORA_KERNELS_NF4_LOOKUP=prmt (inline PTX) against the reference, and bit for bit against the select
+    tree: both feed the same exact bf16(code * scale) weights to the same tiles (autotuning off)."""
+    M, N, K, r, bs, dq = shape
+    qw, x, A, B, b = _make(M, N, K, r, bs, dq, torch.bfloat16, "cuda", bias=True)
+    monkeypatch.setenv("QLORA_KERNELS_AUTOTUNE", "0")
+    out = {}
+    for lookup in ops.LOOKUPS:
+        monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
+        out[lookup] = _compare(qw, x, A, B, b, 2.0, "default")
+        out[lookup + " dx"] = _run(lambda x_, A_, B_, b_: nf4_lora_linear(x_, qw, A_, B_, 2.0, b_), x, A, B, b)[1][0]
+    assert torch.equal(out["prmt"], out["select"]) and torch.equal(out["prmt dx"], out["select dx"])
+
+
+def test_lookup_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", "table")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_NF4_LOOKUP"):
+        ops._prmt_lookup(torch.empty(1))
+
+
 def test_lora_weights_in_compute_dtype(device):
     qw, x, A, B, b = _make(20, 64, 128, 8, dtype=torch.bfloat16, device=device)
     for backend in _backends(device):
@@ -271,17 +294,20 @@ def test_torch_compile_fullgraph_cpu_path():
 
 # as launched on CUDA: bf16 activations and LoRA operands, fp32 block scales (double quant decoded on the host)
 _W = {"packed_ptr": "*u8", "absmax_ptr": "*fp32"}
-_FLAGS = dict(BLOCKSIZE=64, COMPUTE_F32=False, OUT_BF16_BITS=False,
-              HAS_LORA=True)
+_FLAGS = dict(BLOCKSIZE=64, COMPUTE_F32=False, OUT_BF16_BITS=False, PRMT=False, HAS_LORA=True)
 _MOD = "qlora_kernels.kernels.nf4_lora_linear"
 
 
+_UNIT_STRIDES = ("stride_xk", "stride_br", "stride_dyn", "stride_ak")
+
+
 def _case(kernel, sig, consts, num_warps, num_stages):
+    # as launched: triton turns an int argument equal to 1 into the constant 1 (the unit strides of contiguous
+    # x, B, dy, A) and specializes on the divisibility by 16 of pointers, sizes and leading strides of model
+    # shapes (the code differs: 1408 vs 2048 SASS instructions for the forward tile without the latter)
+    consts = dict(consts, **{k: 1 for k in _UNIT_STRIDES if k in sig})
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    # model shapes launch with every pointer, size and leading stride a multiple of 16, which triton
-    # specializes on (the code differs: 1408 vs 2048 SASS instructions for the forward tile)
-    aligned = tuple(n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in ("M", "R")
-                                                                         and not n.endswith(("xk", "br", "dyn", "ak"))))
+    aligned = tuple(n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n not in ("M", "R")))
     return CompileCase(_MOD, kernel, sig, consts, num_warps, num_stages, aligned)
 
 
@@ -312,14 +338,29 @@ def _compile_cases():
     return gemm, other
 
 
+def _with_prmt(case):
+    return CompileCase(case.module, case.kernel, case.signature, dict(case.constexprs, PRMT=True), case.num_warps,
+                       case.num_stages, case.aligned)
+
+
 def test_gpu_compile_no_spills_tensor_cores():
     pytest.importorskip("triton.backends.nvidia")
     gemm, other = _compile_cases()
-    # every config on sm_90 (the target; HGMMA for the large-M GEMMs), the GEMM lists on sm_80 too
-    reports = compile_for_gpu(gemm + other, archs=(90,)) + compile_for_gpu(gemm[:1] + gemm[-1:], archs=(80,))
-    labels = [c.label() for c in gemm]
+    prmt = [_with_prmt(c) for c in gemm + other if "PRMT" in c.constexprs]
+    # every config on sm_90 (the target; HGMMA for the large-M GEMMs), with both lookups; two on sm_80 too
+    reports = (compile_for_gpu(gemm + other + prmt, archs=(90,))
+               + compile_for_gpu(gemm[:1] + gemm[-1:] + prmt[:1], archs=(80,)))
+    labels = [c.label() for c in gemm + prmt[:len(gemm)]]
+    by_label = {(r["label"], r["arch"], r["triton"]): r for r in reports}
     for rep in reports:
         print(rep)
         assert_no_spills(rep)
         if rep["label"] in labels:
             assert (rep["hgmma"] > 0) if rep["arch"] == 90 else (rep["hmma"] > 0), f"no tensor cores: {rep}"
+    # the byte-permute lookup must actually shrink the kernel (the select tree is ~19 instructions per value)
+    for case in prmt:
+        select = dict(case.constexprs, PRMT=False)
+        twin = CompileCase(case.module, case.kernel, case.signature, select, case.num_warps, case.num_stages)
+        for (label, arch, version), rep in by_label.items():
+            if label == case.label():
+                assert rep["instructions"] < by_label[(twin.label(), arch, version)]["instructions"], rep
