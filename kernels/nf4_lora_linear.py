@@ -18,27 +18,30 @@ import triton.language as tl
 from .nf4 import nf4_byte_values, round_to_bf16_bits
 
 # --- configs ---------------------------------------------------------------------------------------
-# Compiled for sm_80 / sm_90 in tests/test_nf4_lora_linear.py (registers, spills, shared, HGMMA).
-# Register budget decides the tiles: dequantizing a (BN, BK) weight tile in registers (select tree, scales,
-# masks) sits beside the fp32 accumulator (64 regs/thread for 128 x 128 at 8 warps). BK = 32 is the widest
-# K-step with no spill at 128 x 128 (BK = 64 spills 80 bytes, 128 x 256 and 256 x 128 spill hundreds).
-# Weight bytes per FLOP depend only on BM; the LoRA term runs before the K-loop into the same accumulator.
-# Forward, M > 16 (training): 8 warps = two warpgroups of wgmma; 3-4 stages of (x tile + packed tile).
+# Compiled for sm_80 / sm_90 in tests/test_nf4_lora_linear.py (registers, spills, shared, tensor cores).
+# The forward computes y.T tiles = W tile @ x tile.T (see nf4_lora_fwd_kernel): BM rows of x (tokens) by BN
+# weight rows. The dequantization is ALU work per weight element, amortized over the BM tokens a weight
+# tile feeds, so BM = 256 halves it per FLOP against BM = 128. Static counts of the K-loop on sm_90 (SASS,
+# 8 warps, 4 issue slots per cycle; benchmarks/NOTES.md): 256 x 128 x 32 issues 582 cycles (PRMT lookup) /
+# 806 (select tree) per 615 cycles of wgmma. BK = 64 at 256 x 128 spills with the select tree.
+# Forward, M > 16 (training): 8 warps = two warpgroups, each wgmma m64 over 64 weight rows.
 FWD_CONFIGS = [
+    dict(BM=256, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=256, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BM=64, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=4),
-    # half the dequantization work per FLOP (each weight tile feeds 256 rows); 256x128 spills under triton 3.9
-    dict(BM=256, BN=64, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=4),   # more programs for M ~ 512
 ]
-# Forward, M <= 16 (decode): bandwidth-bound on the packed weight. M padded to one 16-row MMA (mma.sync;
-# wgmma needs 64 rows); narrow N tiles give N / BN programs (>= 128 for N >= 4096), each streaming rows of
-# packed bytes with 4 stages in flight.
+# Forward, M <= 16 (decode): 16 tokens, ALU-bound on the dequantization. BN = 64: one wgmma m64 per
+# warpgroup (~0.42 issued warp-instructions per weight); BN = 32: mma.sync (~0.8 per weight) but twice the
+# programs, which matters when N / 64 leaves SMs idle (N = 4096: 64 programs on 132 SMs).
 FWD_SMALL_M_CONFIGS = [
+    dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
     dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
-    dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=8, num_stages=4),   # 4 warps spill with PRMT (triton 3.6)
 ]
-# Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN.
+# Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN. The
+# weight tile goes through shared memory here: the transposed form (weight as the register operand, as in the
+# forward) was compiled and issues more per K-step at 128 x 128 (295 vs 272, PRMT lookup), and its 256-row
+# tile spills 680+ bytes around the dropout mask of the LoRA term.
 DX_CONFIGS = [
     dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -134,13 +137,18 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
                         COMPUTE_F32: tl.constexpr, OUT_BF16_BITS: tl.constexpr, PRMT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """y (M, N) = x @ dequant(W).T + xa @ B.T + bias; xa (M, R) contiguous, y contiguous.
-    The LoRA term runs first, as K-steps of width BK over r, into the same accumulator."""
+
+    Computed transposed, y.T tile (BN, BM) = W tile (BN, BK) @ x tile.T: the dequantized weight is the
+    left operand, which wgmma (sm_90) and mma.sync read from registers, so it never goes through shared
+    memory; x tiles stream through shared memory. The LoRA term runs first, as K-steps of width BK over r,
+    into the same accumulator.
+    """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mmask = rm < M
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BN, BM), tl.float32)
     if HAS_LORA:   # first: the main loop then runs with only the accumulator live
         for r0 in range(0, R, BK):
             rr = r0 + tl.arange(0, BK)
@@ -150,22 +158,23 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
             bt = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
                          mask=(rn < N)[:, None] & rmask[None, :], other=0.0)
             if COMPUTE_F32:
-                acc = tl.dot(xa.to(tl.float32), tl.trans(bt.to(tl.float32)), acc, input_precision="ieee")
+                acc = tl.dot(bt.to(tl.float32), tl.trans(xa.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(xa.to(x_ptr.dtype.element_ty), tl.trans(bt.to(x_ptr.dtype.element_ty)), acc)
+                acc = tl.dot(bt.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)), acc)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
         w = nf4_tile(packed_ptr, absmax_ptr, rn, k0, N, K,
                      BN, BK, BLOCKSIZE, PRMT)
         if COMPUTE_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    _store_out(y_ptr, rm.to(tl.int64)[:, None] * N + rn[None, :], mmask[:, None] & (rn < N)[None, :], acc,
-               OUT_BF16_BITS)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+    # back to (BM, BN) before the store, so that a thread writes contiguous runs of a row of y
+    _store_out(y_ptr, rm.to(tl.int64)[:, None] * N + rn[None, :], mmask[:, None] & (rn < N)[None, :],
+               tl.trans(acc), OUT_BF16_BITS)
 
 
 @triton.jit

@@ -100,7 +100,8 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
     return {"label": case.label(), "arch": arch, "triton": triton.__version__, "registers": int(fields.get("REG", -1)),
             "spill_bytes": spills, "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0)),
             "shared": int(compiled.metadata.shared),
-            "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA"), "prmt": len(re.findall(r"\bPRMT\b", sass)),
+            "hgmma": sass.count("HGMMA"), "hgmma_reg_a": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
+            "hmma": sass.count("HMMA"), "prmt": len(re.findall(r"\bPRMT\b", sass)),
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))}
 
 
@@ -134,8 +135,9 @@ def _compile_in_child(python, cases, archs, standalone):
 
 def compile_for_gpu(cases, archs=(80, 90)) -> list:
     """Compile every case for every arch; a list of resource reports (dicts): registers, spill_bytes (ptxas
-    spill stores + loads), stack, local, shared (bytes), hgmma / hmma (tensor-core instructions in the SASS),
-    prmt (byte permutes) and instructions (static SASS count).
+    spill stores + loads), stack, local, shared (bytes), hgmma / hmma (tensor-core instructions in the SASS;
+    hgmma_reg_a: wgmma reading its A operand from registers), prmt (byte permutes) and instructions (static
+    SASS count).
 
     Under TRITON_INTERPRET=1 the kernels in this process are interpreted objects, so the compile runs
     in a child process without it.
