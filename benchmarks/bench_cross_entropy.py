@@ -33,6 +33,19 @@ def _liger():
         return None, None
 
 
+def _with_env(env, fn):
+    """fn run with the environment variables `env` set (our kernels' config switches), then restored."""
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return run
+
+
 def _measure(fn):
     """(median ms, peak extra MB) or (None, None) when it runs out of memory."""
     try:
@@ -112,11 +125,7 @@ def bench_ce(rows, args, dev, dtype, shapes, V):
                                         (8192, 8, "row"), (8192, 16, "row")):
                     env = {"QLORA_KERNELS_CE_BLOCK_V": str(bv), "QLORA_KERNELS_CE_WARPS": str(warps),
                            "QLORA_KERNELS_CE_MODE": mode}
-                    old = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
-                    ms, _ = _measure(providers[0][1])
-                    for k, v in old.items():
-                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                    ms, _ = _measure(_with_env(env, providers[0][1]))
                     rows.append({"op": "cross_entropy", "tokens": N, "V": V, "labelled": frac,
                                  "provider": f"ours[{mode},bv={bv},w={warps}]", "ms": ms,
                                  "GB/s": None if ms is None else nbytes / ms / 1e6})
@@ -147,6 +156,9 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
 
             providers = [("ours", ours)]
             if dev == "cuda":
+                # the same op with torch._grouped_mm (CUTLASS) for its two GEMMs, and the non-persistent grid
+                providers.append(("ours[grouped gemm]", _with_env({"QLORA_KERNELS_CE_GEMM": "grouped"}, ours)))
+                providers.append(("ours[grid gemm]", _with_env({"QLORA_KERNELS_MM_PERSISTENT": "0"}, ours)))
                 g = torch.randn(N, V, device=dev, dtype=dtype) if N * V * 2 < 12e9 else None
                 if g is not None and frac == 1.0:
                     providers.append(("cublas-2gemm", lambda: (h @ w.t(), g @ w)))

@@ -270,6 +270,25 @@ def test_linear_extra_memory_bounded(monkeypatch, device):
     assert ops.linear_ce_chunk_rows(128256, torch.bfloat16, 1 << 40, 100) == 100
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("frac", [1.0, 0.03])
+def test_linear_grouped_gemms(frac, frozen, device, monkeypatch):
+    """QLORA_KERNELS_CE_GEMM=grouped: logits and input gradient by torch._grouped_mm bounded on the device
+    (on CPU tensors torch's own implementation of the op), over several chunks, one partly labelled."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "grouped")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    h, w = torch.empty(1, 64, dtype=dtype, device=device), torch.empty(1024, 64, dtype=dtype, device=device)
+    assert ops._grouped_gemms(h, w, None) and not ops._grouped_gemms(h, w, w[:, 0])
+    _check_linear(72, 64, 1024, frac, dtype, "triton", device, frozen=frozen, chunk_bytes=16 * 1024 * 4)
+
+
+def test_linear_gemm_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):
+        ops._grouped_gemms(torch.empty(1, 8), torch.empty(8, 8), None)
+
+
 class _RecordAllocations(TorchDispatchMode):
     """Shapes of the fresh tensors (not views, not in-place results) that torch ops return."""
 

@@ -358,6 +358,26 @@ def linear_ce_chunk_rows(V, dtype, chunk_bytes, n_rows, cpu=False):
     return max(1, min(rows, n_rows))
 
 
+GEMMS = ("triton", "grouped")
+
+
+def _grouped_gemms(h, w, b):
+    """QLORA_KERNELS_CE_GEMM=grouped: the logits and input-gradient GEMMs of the linear variant through
+    torch._grouped_mm with the chunk's live-row count as its (device-side) group offset: CUTLASS GEMMs that
+    skip the dead rows with no host sync, where the default is the Triton bounded_matmul_kernel. Opt-in
+    until a GPU run has measured it; on CUDA its fast path needs sm_90+, 16-bit operands, H and V multiples
+    of 8 and no bias (otherwise the Triton GEMMs run)."""
+    gemm = os.environ.get("QLORA_KERNELS_CE_GEMM", "triton")
+    if gemm not in GEMMS:
+        raise ValueError(f"QLORA_KERNELS_CE_GEMM={gemm!r}: expected one of {GEMMS}")
+    if gemm != "grouped" or b is not None or not hasattr(torch, "_grouped_mm"):
+        return False
+    if h.is_cuda:
+        return (torch.cuda.get_device_capability(h.device)[0] >= 9 and h.dtype in (torch.bfloat16, torch.float16)
+                and h.shape[1] % 8 == 0 and w.shape[0] % 8 == 0)
+    return True   # CPU tensors (interpreter tests): torch's reference implementation of the op
+
+
 def _alloc_chunk(rows, V, dtype, device):
     """The linear variant's one (rows, V) logits buffer (a function so tests can watch its size)."""
     return torch.empty((rows, V), dtype=dtype, device=device)
@@ -382,23 +402,31 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     lab_c = torch.where(live, labels[idx], ignore_index)
     gs_c = None if gscale is None else gscale[idx].float().contiguous()
     R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
-    buf = _alloc_chunk(R, V, h.dtype, dev)
+    grouped = _grouped_gemms(h, w, b)
+    buf = None if grouped else _alloc_chunk(R, V, h.dtype, dev)   # grouped: each chunk's GEMM output
     loss_c = torch.empty(N, dtype=torch.float32, device=dev)
     lse_c = torch.empty(N, dtype=torch.float32, device=dev)
-    grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None   # unlabelled rows stay 0
+    # unlabelled rows stay 0; the grouped path scatters whole chunks, its dead rows into the extra row N
+    grad_h = torch.zeros((N + grouped, H), dtype=h.dtype, device=dev) if need_h else None
     grad_w = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
     wt = w.t()
     for s in range(0, N, R):
         r = min(R, N - s)
-        lg = buf[:r]
         rows = idx[s:s + r]
-        _bounded_mm(h, wt, lg, count, s, limit_m=True, bias=b, gather_a=rows)
+        if grouped:   # rows past the count are neither computed nor read
+            n_live = (count - s).clamp(0, r)
+            lg = torch._grouped_mm(h.index_select(0, rows), wt[None], offs=n_live)
+        else:
+            lg = buf[:r]
+            _bounded_mm(h, wt, lg, count, s, limit_m=True, bias=b, gather_a=rows)
         _ce_launch(lg, lab_c[s:s + r], loss_c[s:s + r], lse_c[s:s + r], lg if compute_grad else None, count,
                    None if gs_c is None else gs_c[s:s + r], ignore_index=ignore_index, smoothing=smoothing,
                    z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=False)
-        if need_h:
+        if need_h and grouped:
+            grad_h.index_copy_(0, back[s:s + r], torch._grouped_mm(lg, w[None], offs=n_live))
+        elif need_h:
             _bounded_mm(lg, w, grad_h, count, s, limit_m=True, kind="dgrad", scatter_c=rows)
         if need_w:
             _bounded_mm(lg.t(), h, grad_w, count, s, limit_k=True, accumulate=True, gather_b=rows)
@@ -406,7 +434,7 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
             kernels.colsum_kernel[(triton.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
                                                           BLOCK_C=256)
     loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
-    return loss, grad_h, grad_w, grad_b
+    return loss, grad_h[:N] if need_h else None, grad_w, grad_b
 
 
 def _linear_ce_cpu(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
