@@ -27,7 +27,6 @@ from .nf4 import nf4_byte_values, round_to_bf16_bits
 # Forward, M > 16 (training): 8 warps = two warpgroups, each wgmma m64 over 64 weight rows.
 FWD_CONFIGS = [
     dict(BM=256, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BM=256, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=4),   # more programs for M ~ 512
 ]
