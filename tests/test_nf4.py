@@ -171,9 +171,11 @@ def test_gpu_compile_nf4_kernels():
               "offset_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*bf16", "n": "i64",
               "BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr", "NESTED_BLOCKSIZE": "constexpr",
               "OUT_BF16_BITS": "constexpr", "BLOCK_BYTES": "constexpr"}
+    aligned = tuple(n for n in dq_sig if n.endswith("ptr") or n == "n")
     cases = [CompileCase("qlora_kernels.kernels.nf4", "nf4_dequantize_kernel", dq_sig,
-                         {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED_BLOCKSIZE": 256, "OUT_BF16_BITS": False,
-                          "BLOCK_BYTES": kernels.DEQUANT_BLOCK_BYTES}, num_warps=kernels.DEQUANT_NUM_WARPS)]
+                         {"BLOCKSIZE": blocksize, "DOUBLE_QUANT": True, "NESTED_BLOCKSIZE": 256, "OUT_BF16_BITS": False,
+                          "BLOCK_BYTES": kernels.DEQUANT_BLOCK_BYTES}, num_warps=kernels.DEQUANT_NUM_WARPS,
+                         aligned=aligned) for blocksize in (32, 64, 4096)]   # 128, 64, 1 scale rows per program
     q_sig = {"x_ptr": "*bf16", "midpoints_ptr": "*fp32", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64",
              "nblocks": "i64", "BLOCKSIZE": "constexpr", "ROWS": "constexpr"}
     for blocksize in (64, 4096):
@@ -181,6 +183,7 @@ def test_gpu_compile_nf4_kernels():
                                  {"BLOCKSIZE": blocksize, "ROWS": max(1, kernels.QUANT_TILE // blocksize)},
                                  num_warps=kernels.QUANT_NUM_WARPS))
     for report in compile_for_gpu(cases):
+        print(report)
         assert_no_spills(report)
 
 
@@ -233,3 +236,12 @@ def test_prmt_lookup_ptx_on_every_code_pattern():
         byte = (word >> (8 * j)) & 0xFF
         assert np.array_equal(regs[f"${j}"], table[byte >> 4]), f"high nibble of byte {j}"
         assert np.array_equal(regs[f"${j + 4}"], table[byte & 0xF]), f"low nibble of byte {j}"
+
+
+def test_lookup_setting_is_checked(monkeypatch):
+    from qlora_kernels.ops.nf4 import prmt_lookup
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", "table")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_NF4_LOOKUP"):
+        prmt_lookup(torch.empty(1))
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", "prmt")
+    assert not prmt_lookup(torch.empty(1))    # CPU tensors: never the inline PTX

@@ -108,12 +108,6 @@ def test_prmt_lookup_matches_select_tree_cuda(shape, monkeypatch):
     assert torch.equal(out["prmt"], out["select"]) and torch.equal(out["prmt dx"], out["select dx"])
 
 
-def test_lookup_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", "table")
-    with pytest.raises(ValueError, match="QLORA_KERNELS_NF4_LOOKUP"):
-        ops._prmt_lookup(torch.empty(1))
-
-
 def test_lora_weights_in_compute_dtype(device):
     qw, x, A, B, b = _make(20, 64, 128, 8, dtype=torch.bfloat16, device=device)
     for backend in _backends(device):

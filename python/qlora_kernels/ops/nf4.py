@@ -1,5 +1,8 @@
 """NF4 quantize / dequantize: checks, then dispatch to Triton (CUDA, or CPU under TRITON_INTERPRET=1),
 the C++ extension (CPU), the extension's CUDA kernels (backend="cuda_ext"), or the reference."""
+import functools
+import os
+
 import torch
 import triton
 
@@ -9,6 +12,28 @@ from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.reference import nf4 as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOOKUPS = ("select", "prmt")
+
+
+def prmt_lookup(t: torch.Tensor) -> bool:
+    """Whether the fused NF4 GEMMs on `t`'s device look codes up by inline-PTX byte permutes (4 lookups per
+    prmt; CUDA only): QLORA_KERNELS_NF4_LOOKUP=prmt, instead of the default select tree. Opt-in until a GPU
+    run has measured both. (Dequantize keeps its table loads: fewer instructions in a bandwidth-bound kernel.)"""
+    lookup = os.environ.get("QLORA_KERNELS_NF4_LOOKUP", "select")
+    if lookup not in LOOKUPS:
+        raise ValueError(f"QLORA_KERNELS_NF4_LOOKUP={lookup!r}: expected one of {LOOKUPS}")
+    return lookup == "prmt" and t.is_cuda and not _backend.interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_table(device: torch.device) -> torch.Tensor:
+    """The NF4 values on `device`, made once (a fresh host-to-device copy per call would wait for the stream)."""
+    return ref.nf4_code(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints(device: torch.device) -> torch.Tensor:
+    return ref.midpoints(_code_table(device))
 
 
 def _check_weight(weight, blocksize):
@@ -74,7 +99,7 @@ def _quantize_triton(x, blocksize):
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     rows = max(1, kernels.QUANT_TILE // blocksize)
-    mids = ref.midpoints(ref.nf4_code(x.device))
+    mids = _midpoints(x.device)
     kernels.nf4_quantize_kernel[(triton.cdiv(nblocks, rows),)](x, mids, packed, absmax, n, nblocks,
                                                                 BLOCKSIZE=blocksize, ROWS=rows,
                                                                 num_warps=kernels.QUANT_NUM_WARPS)
@@ -90,7 +115,7 @@ def _dequantize_triton(qweight):
     grid = (triton.cdiv((n + 1) // 2, kernels.DEQUANT_BLOCK_BYTES),)
     kernels.nf4_dequantize_kernel[grid](
         qweight.packed, scales, absmax2 if absmax2 is not None else scales, code2 if code2 is not None else scales,
-        offset if offset is not None else scales, ref.nf4_code(qweight.device),
+        offset if offset is not None else scales, _code_table(qweight.device),
         out.view(torch.int16) if bf16_bits else out, n,
         BLOCKSIZE=qweight.blocksize, DOUBLE_QUANT=qweight.double_quant, NESTED_BLOCKSIZE=qweight.nested_blocksize,
         OUT_BF16_BITS=bf16_bits, BLOCK_BYTES=kernels.DEQUANT_BLOCK_BYTES, num_warps=kernels.DEQUANT_NUM_WARPS)

@@ -25,7 +25,7 @@ import triton
 from qlora_kernels import _backend
 from qlora_kernels.kernels import nf4_lora_linear as kernels
 from qlora_kernels.nf4_weight import NF4Weight
-from qlora_kernels.ops.nf4 import dequantize_nf4
+from qlora_kernels.ops.nf4 import LOOKUPS, dequantize_nf4, prmt_lookup  # noqa: F401 - LOOKUPS: tests, bench
 from qlora_kernels.reference import nf4 as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -149,25 +149,12 @@ def _launch(name, interpret_config, grid_fn, args, constexprs):
     return _autotuned(name)[grid_fn](*args, **constexprs)
 
 
-LOOKUPS = ("select", "prmt")
-
-
-def _prmt_lookup(x):
-    """The NF4 code lookup in the GEMMs: QLORA_KERNELS_NF4_LOOKUP=select (default: a select tree, runs in the
-    interpreter too) or prmt (inline-PTX byte permutes on CUDA: ~1/3 of the select tree's instructions,
-    checked against the PTX semantics on CPU; the default once a GPU run has measured it)."""
-    lookup = os.environ.get("QLORA_KERNELS_NF4_LOOKUP", "select")
-    if lookup not in LOOKUPS:
-        raise ValueError(f"QLORA_KERNELS_NF4_LOOKUP={lookup!r}: expected one of {LOOKUPS}")
-    return lookup == "prmt" and x.is_cuda and not _backend.interpreting()
-
-
 def _flags(x, blocksize):
     interp = _backend.interpreting()
     # the kernels get fp32 block scales (double quant decoded on the host: nblocks * 4 bytes, 1/32 of a bf16
     # weight copy); per-row gathers of the nested code in the K-loop cost more than they save
     return dict(BLOCKSIZE=blocksize, COMPUTE_F32=interp or x.dtype == torch.float32,
-                OUT_BF16_BITS=interp and x.dtype == torch.bfloat16, PRMT=_prmt_lookup(x))
+                OUT_BF16_BITS=interp and x.dtype == torch.bfloat16, PRMT=prmt_lookup(x))
 
 
 def _xa_dtype(x2d):
