@@ -371,7 +371,9 @@ def test_nn_modules_and_compile():
 
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.cuda
-def test_cuda_no_host_sync_and_large_vocab():
+@pytest.mark.parametrize("gemm", ops.GEMMS)
+def test_cuda_no_host_sync_and_large_vocab(gemm, monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
     V = 128256
     logits = torch.randn(64, V, device="cuda", dtype=torch.bfloat16) * 3
     labels = _labels(64, V, 0.5, device="cuda")

@@ -108,6 +108,26 @@ def test_prmt_lookup_matches_select_tree_cuda(shape, monkeypatch):
     assert torch.equal(out["prmt"], out["select"]) and torch.equal(out["prmt dx"], out["select dx"])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("lookup", ops.LOOKUPS)
+def test_cuda_no_host_sync(lookup, monkeypatch):
+    """Forward and backward (dropout, bias, double quant, both GEMM kinds) never wait for the device."""
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
+    for M in (300, 8):   # training tiles and the decode kernel
+        qw, x, A, B, b = _make(M, 256, 512, 16, 64, True, torch.bfloat16, "cuda", bias=True)
+        x.requires_grad_()
+        A.requires_grad_()
+        B.requires_grad_()
+        run = lambda: nf4_lora_linear(x, qw, A, B, 2.0, b, dropout_p=0.1).sum().backward()  # noqa: E731
+        run()   # autotuning and compilation synchronize: outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_lora_weights_in_compute_dtype(device):
     qw, x, A, B, b = _make(20, 64, 128, 8, dtype=torch.bfloat16, device=device)
     for backend in _backends(device):
