@@ -30,7 +30,9 @@ stage() { echo "== $(date +%T) $*"; }
   [ "$no_ext" = 1 ] || python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"
   stage "tests on CUDA"
   # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
-  timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -q -x -m "not slow" -p no:cacheprovider 2>&1 | tail -25
+  # (first config of each autotune list: correctness needs no tuning, and every config costs a compile)
+  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -q -x -m "not slow" \
+    -p no:cacheprovider 2>&1 | tail -25
   # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds
   benches=$(if [ -n "${BENCHES:-}" ]; then printf 'benchmarks/bench_%s.py ' $BENCHES; else ls benchmarks/bench_*.py; fi)
   for bench in $benches; do

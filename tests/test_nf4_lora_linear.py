@@ -110,6 +110,22 @@ def test_prmt_lookup_matches_select_tree_cuda(shape, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("lookup", ops.LOOKUPS)
+def test_every_tile_config_cuda(lookup, monkeypatch):
+    """Each config the autotuner may pick, forced alone, against the reference (partial tiles: M, N, K
+    not multiples of the tiles)."""
+    from qlora_kernels.kernels import nf4_lora_linear as K
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
+    monkeypatch.setenv("QLORA_KERNELS_AUTOTUNE", "0")    # the launcher then takes the list's first config
+    for name in ("FWD_CONFIGS", "FWD_SMALL_M_CONFIGS", "DX_CONFIGS"):
+        for cfg in getattr(K, name):
+            monkeypatch.setattr(K, name, [cfg])
+            M = 13 if name == "FWD_SMALL_M_CONFIGS" else 300
+            qw, x, A, B, b = _make(M, 320, 576, 16, 64, True, torch.bfloat16, "cuda", bias=True)
+            _compare(qw, x, A, B, b, 2.0, "default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lookup", ops.LOOKUPS)
 def test_cuda_no_host_sync(lookup, monkeypatch):
     """Forward and backward (dropout, bias, double quant, both GEMM kinds) never wait for the device."""
     monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
