@@ -40,10 +40,13 @@ FWD_SMALL_M_CONFIGS = [
 # Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN. The
 # weight tile goes through shared memory here: the transposed form (weight as the register operand, as in the
 # forward) was compiled and issues more per K-step at 128 x 128 (295 vs 272, PRMT lookup), and its 256-row
-# tile spills 680+ bytes around the dropout mask of the LoRA term.
+# tile spills 680+ bytes around the dropout mask of the LoRA term. 256 rows x 64 columns fit (the mask is
+# half the size): issue / wgmma cycles per K-step 1.05 (PRMT) / 1.54 (select) at BN = 64, 1.36 / 1.84 at
+# BN = 32, against 1.77 / 2.74 for 128 x 128 x 32.
 DX_CONFIGS = [
+    dict(BM=256, BK=64, BN=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BM=256, BK=64, BN=32, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 # Interpreter: one big tile (cost follows the number of programs; multi-config autotune cannot run there).
 INTERPRET_FWD = dict(BM=128, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=1)
