@@ -365,15 +365,16 @@ def _grouped_gemms(h, w, b):
     """QLORA_KERNELS_CE_GEMM=grouped: the logits and input-gradient GEMMs of the linear variant through
     torch._grouped_mm with the chunk's live-row count as its (device-side) group offset: CUTLASS GEMMs that
     skip the dead rows with no host sync, where the default is the Triton bounded_matmul_kernel. Opt-in
-    until a GPU run has measured it; on CUDA its fast path needs sm_90+, 16-bit operands, H and V multiples
-    of 8 and no bias (otherwise the Triton GEMMs run)."""
+    until a GPU run has measured it. On CUDA only torch's CUTLASS path qualifies: sm_90 / sm_100, bf16
+    (its per-group fallback, e.g. for fp16, copies the offsets to the host), plus H and V multiples of 8 and
+    no bias; otherwise the Triton GEMMs run."""
     gemm = os.environ.get("QLORA_KERNELS_CE_GEMM", "triton")
     if gemm not in GEMMS:
         raise ValueError(f"QLORA_KERNELS_CE_GEMM={gemm!r}: expected one of {GEMMS}")
     if gemm != "grouped" or b is not None or not hasattr(torch, "_grouped_mm"):
         return False
     if h.is_cuda:
-        return (torch.cuda.get_device_capability(h.device)[0] >= 9 and h.dtype in (torch.bfloat16, torch.float16)
+        return (torch.cuda.get_device_capability(h.device)[0] in (9, 10) and h.dtype == torch.bfloat16
                 and h.shape[1] % 8 == 0 and w.shape[0] % 8 == 0)
     return True   # CPU tensors (interpreter tests): torch's reference implementation of the op
 
