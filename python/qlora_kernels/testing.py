@@ -62,6 +62,20 @@ class CompileCase:
                f"w{self.num_warps}s{self.num_stages}]"
 
 
+def mma_loop_instructions(sass: str) -> int:
+    """SASS instructions in the body of the longest loop (backward branch) that issues MMAs: the K-loop of
+    a GEMM, whose issue slots against its tensor-core time decide an ALU-heavy kernel (0 if none)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    best = 0
+    for addr, text in code:
+        jump = re.search(r"BRA (?:\.U )?0x([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < addr:
+            body = [t for a, t in code if int(jump.group(1), 16) <= a <= addr]
+            if any("MMA" in t for t in body):
+                best = max(best, len(body))
+    return best
+
+
 def _compile_here(case: CompileCase, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -102,7 +116,8 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
             "shared": int(compiled.metadata.shared),
             "hgmma": sass.count("HGMMA"), "hgmma_reg_a": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
             "hmma": sass.count("HMMA"), "prmt": len(re.findall(r"\bPRMT\b", sass)),
-            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))}
+            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
+            "mma_loop": mma_loop_instructions(sass)}
 
 
 def _kernel_module(name):
@@ -136,8 +151,8 @@ def _compile_in_child(python, cases, archs, standalone):
 def compile_for_gpu(cases, archs=(80, 90)) -> list:
     """Compile every case for every arch; a list of resource reports (dicts): registers, spill_bytes (ptxas
     spill stores + loads), stack, local, shared (bytes), hgmma / hmma (tensor-core instructions in the SASS;
-    hgmma_reg_a: wgmma reading its A operand from registers), prmt (byte permutes) and instructions (static
-    SASS count).
+    hgmma_reg_a: wgmma reading its A operand from registers), prmt (byte permutes), instructions (static
+    SASS count) and mma_loop (instructions in the MMA K-loop, see mma_loop_instructions).
 
     Under TRITON_INTERPRET=1 the kernels in this process are interpreted objects, so the compile runs
     in a child process without it.
