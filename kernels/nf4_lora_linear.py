@@ -4,7 +4,8 @@ y  = x @ dequant(W).T + xa @ B.T (+ bias),        xa = (scaling / (1 - p)) * (ke
 dx = dy @ dequant(W) + keep * (g @ A),            g  = (scaling / (1 - p)) * dy @ B             (host GEMM)
 
 W is NF4 in bitsandbytes' layout (see qlora_kernels.reference.nf4): tiles are dequantized in registers and
-fed to tl.dot, never written to memory. The dropout keep-mask of element (m, k) of the 2-D x is stream
+never written to global memory (the forward feeds them to the MMA from registers, the input gradient stages
+them in shared memory). The dropout keep-mask of element (m, k) of the 2-D x is stream
 (m * K + k) % 4 of `tl.rand4x(seed, (m * K + k) // 4)` (Philox) compared with p (`keep_mask`), regenerated
 wherever it is needed (forward pre-pass, dx epilogue, dA) and never stored.
 
