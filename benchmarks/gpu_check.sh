@@ -27,7 +27,8 @@ stage() { echo "== $(date +%T) $*"; }
   QLORA_KERNELS_NO_EXT=$no_ext QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q \
     --no-build-isolation --no-deps --target "$HOME/qk" . || echo "BUILD FAILED"
   export PYTHONPATH="$HOME/qk:${PYTHONPATH:-}"
-  [ "$no_ext" = 1 ] || python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"
+  if [ "$no_ext" = 1 ]; then export QLORA_KERNELS_NO_EXT=1  # tests skip the CPU extension's paths
+  else python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"; fi
   stage "tests on CUDA"
   # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
   # (first config of each autotune list: correctness needs no tuning, and every config costs a compile)

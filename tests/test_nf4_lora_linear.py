@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qlora_kernels
+from qlora_kernels import _backend
 from qlora_kernels.nn import LoRALinear4bit
 from qlora_kernels.ops import nf4_lora_linear as ops
 from qlora_kernels.ops.nf4 import quantize_nf4
@@ -22,9 +23,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATOL_FRAC = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
+NATIVE = _backend.native() is not None     # without it (QLORA_KERNELS_NO_EXT=1, failed build) no "cpu" backend
+CPU_PATH = pytest.param("cpu", marks=pytest.mark.skipif(not NATIVE, reason="the CPU path needs the extension"))
+
+
 def _backends(device):
     # "default": Triton (interpreted on CPU, compiled on CUDA); "cpu": extension dequantize + torch matmul
-    return ["default"] + (["cpu"] if device == "cpu" else [])
+    return ["default"] + (["cpu"] if device == "cpu" and NATIVE else [])
 
 
 def _make(M, N, K, r, blocksize=64, double_quant=True, dtype=torch.float32, device="cpu", bias=True, lead=()):
@@ -176,7 +181,7 @@ def test_fallback_when_in_features_not_multiple_of_blocksize(device, monkeypatch
         _compare(qw, x, A, B, b, 2.0, "default")
 
 
-@pytest.mark.parametrize("backend", ["default", "cpu"])
+@pytest.mark.parametrize("backend", ["default", CPU_PATH])
 def test_dropout_uses_one_mask_forward_and_backward(device, backend):
     if backend == "cpu" and device != "cpu":
         pytest.skip("CPU path needs CPU tensors")
@@ -255,7 +260,7 @@ def test_module_init_merge_and_forward():
     assert mod.lora_A.grad is not None and mod.lora_B.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["default", "cpu"])
+@pytest.mark.parametrize("backend", ["default", CPU_PATH])
 def test_matches_peft_on_bitsandbytes(backend):
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
@@ -291,6 +296,7 @@ def test_matches_peft_on_bitsandbytes(backend):
     torch.testing.assert_close(Bo.grad, B.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not NATIVE, reason="the CPU path needs the extension")
 def test_torch_compile_fullgraph_cpu_path():
     class Net(torch.nn.Module):
         def __init__(self):
