@@ -304,6 +304,7 @@ def _compile_cases():
     return cases
 
 
+@pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_compiles_for_gpu_without_spills():
     reports = compile_for_gpu(_compile_cases(), archs=(80, 90))
     for r in reports:

@@ -475,6 +475,7 @@ def _mm_cases():
     return cases
 
 
+@pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_compiles_for_gpu_without_spills():
     reports = compile_for_gpu(_ce_cases(), archs=(90,)) + compile_for_gpu(_ce_cases()[:1], archs=(80,))
     for arch in (80, 90):

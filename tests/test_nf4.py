@@ -165,6 +165,7 @@ def test_bad_blocksize_names_allowed_ones():
         qk.quantize_nf4(torch.ones(4, 4), backend="fast")
 
 
+@pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_gpu_compile_nf4_kernels():
     """The NF4 kernels compile for sm_80 and sm_90 at their real configs with no spills."""
     from qlora_kernels.kernels import nf4 as kernels

@@ -382,6 +382,7 @@ def _with_prmt(case):
                        case.num_stages, case.aligned)
 
 
+@pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_gpu_compile_no_spills_tensor_cores():
     pytest.importorskip("triton.backends.nvidia")
     gemm, other = _compile_cases()
