@@ -47,11 +47,15 @@ def _with_env(env, fn):
 
 
 def _measure(fn):
-    """(median ms, peak extra MB) or (None, None) when it runs out of memory."""
+    """(median ms, peak extra MB), or (None, None) when it runs out of memory or fails (the error is printed:
+    one provider's failure must not cost the others' rows)."""
     try:
         ms = harness.time_ms(fn)
         mem = harness.peak_memory_mb(fn)
     except torch.OutOfMemoryError:
+        return None, None
+    except Exception as err:  # noqa: BLE001
+        print(f"provider failed: {err}")
         return None, None
     finally:
         if torch.cuda.is_available():

@@ -105,8 +105,13 @@ def main():
                 if name in LOOKUP and device != "cuda" and LOOKUP[name] != "select":
                     continue   # the inline-PTX lookup exists on CUDA only
                 os.environ["QLORA_KERNELS_NF4_LOOKUP"] = LOOKUP.get(name, "select")
-                ms, mem = run_one(fn, d, mode)
-                os.environ.pop("QLORA_KERNELS_NF4_LOOKUP")
+                try:
+                    ms, mem = run_one(fn, d, mode)
+                except Exception as err:  # noqa: BLE001 - one provider's failure must not cost the others' rows
+                    print(f"{name} {M}x{N}x{K} {mode} failed: {err}")
+                    continue
+                finally:
+                    os.environ.pop("QLORA_KERNELS_NF4_LOOKUP")
                 fl = flops(M, N, K, r, mode) if name != "cublas_bf16" else \
                     (2 if mode == "fwd" else 4) * M * N * K
                 row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": name, "ms": ms,
