@@ -103,20 +103,33 @@ def _row_loss(lse, sz, zy, y, V, smoothing, z_loss):
 
 
 @triton.jit
-def ce_stats_kernel(logits_ptr, labels_ptr, part_ptr, n_rows, V, stride_row, ignore_index, softcap,
-                    NCHUNK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Partial statistics of one chunk of one row (nothing for ignored rows)."""
+def _class_column(y, V):
+    """A label as the int32 column it is compared with: -1 (no column) outside [0, V), so ignore_index and,
+    on CUDA, a bad label never index the row."""
+    return tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
+
+
+@triton.jit
+def _row_chunk(labels_ptr, V, NCHUNK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The (row, chunk) of a program of an N * NCHUNK grid, its row's label (raw and as _class_column) and
+    its chunk's columns."""
     pid = tl.program_id(0)
     row = pid // NCHUNK
     chunk = pid % NCHUNK
     y = tl.load(labels_ptr + row)
-    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
+    return row, chunk, y, _class_column(y, V), chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+
+
+@triton.jit
+def ce_stats_kernel(logits_ptr, labels_ptr, part_ptr, n_rows, V, stride_row, ignore_index, softcap,
+                    NCHUNK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Partial statistics of one chunk of one row (nothing for ignored rows)."""
+    row, chunk, y, y32, cols = _row_chunk(labels_ptr, V, NCHUNK, BLOCK_V)
     if y != ignore_index:
-        cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
         m, s, sz, zy = _chunk_stats(z, cols, mask, y32)
-        _store_partials(part_ptr, pid.to(tl.int64), n_rows * NCHUNK, m, s, sz, zy)
+        _store_partials(part_ptr, row.to(tl.int64) * NCHUNK + chunk, n_rows * NCHUNK, m, s, sz, zy)
 
 
 @triton.jit
@@ -150,12 +163,7 @@ def ce_grad_kernel(logits_ptr, labels_ptr, lse_ptr, grad_ptr, gscale_ptr, gscale
                    HAS_GSCALE: tl.constexpr, MEAN: tl.constexpr, WRITE_IGNORED: tl.constexpr):
     """Gradient of one chunk of one row from the row's lse (zeros for ignored rows if WRITE_IGNORED).
     grad_ptr may equal logits_ptr (in place)."""
-    pid = tl.program_id(0)
-    row = pid // NCHUNK
-    chunk = pid % NCHUNK
-    y = tl.load(labels_ptr + row)
-    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
-    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    row, chunk, y, y32, cols = _row_chunk(labels_ptr, V, NCHUNK, BLOCK_V)
     mask = cols < V
     if y != ignore_index:
         z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
@@ -177,18 +185,13 @@ def ce_fused_kernel(logits_ptr, labels_ptr, grad_ptr, part_ptr, counter_ptr, los
     consecutive program ids, so they are resident together (blocks are dispatched in order). Under the
     interpreter programs run one after another and this would wait forever: use the three-kernel path.
     grad_ptr may equal logits_ptr (in place)."""
-    pid = tl.program_id(0)
-    row = pid // NCHUNK
-    chunk = pid % NCHUNK
-    y = tl.load(labels_ptr + row)
-    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)   # compared with int32 columns
-    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    row, chunk, y, y32, cols = _row_chunk(labels_ptr, V, NCHUNK, BLOCK_V)
     mask = cols < V
     n_part = n_rows * NCHUNK
     if y != ignore_index:
         z = _load_z(logits_ptr, row.to(tl.int64) * stride_row, cols, mask, softcap, HAS_SOFTCAP)
         m, s, sz, zy = _chunk_stats(z, cols, mask, y32)
-        _store_partials(part_ptr, pid.to(tl.int64), n_part, m, s, sz, zy)
+        _store_partials(part_ptr, row.to(tl.int64) * NCHUNK + chunk, n_part, m, s, sz, zy)
         arrived = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") + 1
         while arrived < NCHUNK:
             arrived = tl.atomic_add(counter_ptr + row, 0, sem="acquire", scope="gpu")
@@ -225,7 +228,7 @@ def ce_row_kernel(logits_ptr, labels_ptr, grad_ptr, loss_ptr, lse_ptr, count_ptr
     sees about one read and one write. grad_ptr may equal logits_ptr (in place)."""
     row = tl.program_id(0)
     y = tl.load(labels_ptr + row)
-    y32 = tl.where((y >= 0) & (y < V), y, -1).to(tl.int32)
+    y32 = _class_column(y, V)
     row_off = row.to(tl.int64) * stride_row
     grad_off = row.to(tl.int64) * grad_stride_row
     base = tl.arange(0, BLOCK_V)
