@@ -72,7 +72,8 @@ def providers(d):
     return out
 
 
-def run_one(fn, d, mode):
+def run_one(fn, d, mode, graph=False):
+    """(ms, peak MB) of one provider; graph: the forward replayed from a CUDA graph (kernel time only)."""
     x = d["x"].detach().requires_grad_(mode == "fwd+bwd")
     A = d["A"].detach().requires_grad_(mode == "fwd+bwd")
     B = d["B"].detach().requires_grad_(mode == "fwd+bwd")
@@ -86,6 +87,8 @@ def run_one(fn, d, mode):
         def step():
             x.grad = A.grad = B.grad = None
             fn(x, A, B).backward(dy)
+    if graph:
+        return harness.graph_ms(step), None
     return harness.time_ms(step), harness.peak_memory_mb(step)
 
 
@@ -99,22 +102,26 @@ def main():
     for M, N, K, r in shapes:
         d = make(M, N, K, r, device, dtype)
         fns = providers(d)
+        # decode sizes are host-bound end to end (Python, launches): "[graph]" rows replay the same forward
+        # from a CUDA graph, which times the kernels against the weight bytes (the decode target)
+        graphed = [(f"{name}[graph]", fn, True) for name, fn in fns.items()] if M <= 16 and device == "cuda" else []
         for mode in ("fwd", "fwd+bwd") if M >= TRAIN_M or device != "cuda" else ("fwd",):
             base = None
-            for name, fn in fns.items():
+            for label, fn, graph in [(name, fn, False) for name, fn in fns.items()] + graphed:
+                name = label.removesuffix("[graph]")
                 if name in LOOKUP and device != "cuda" and LOOKUP[name] != "select":
                     continue   # the inline-PTX lookup exists on CUDA only
                 os.environ["QLORA_KERNELS_NF4_LOOKUP"] = LOOKUP.get(name, "select")
                 try:
-                    ms, mem = run_one(fn, d, mode)
+                    ms, mem = run_one(fn, d, mode, graph)
                 except Exception as err:  # noqa: BLE001 - one provider's failure must not cost the others' rows
-                    print(f"{name} {M}x{N}x{K} {mode} failed: {err}")
+                    print(f"{label} {M}x{N}x{K} {mode} failed: {err}")
                     continue
                 finally:
                     os.environ.pop("QLORA_KERNELS_NF4_LOOKUP")
                 fl = flops(M, N, K, r, mode) if name != "cublas_bf16" else \
                     (2 if mode == "fwd" else 4) * M * N * K
-                row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": name, "ms": ms,
+                row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": label, "ms": ms,
                        "TFLOP/s": fl / ms / 1e9, "peak_MB": mem}
                 if M <= 16:
                     gbs = weight_bytes(N, K) / ms / 1e6
@@ -122,7 +129,7 @@ def main():
                     row["frac_ceiling"] = gbs / bw if (bw and name in LOOKUP) else None
                 else:
                     row["frac_ceiling"] = fl / ms / 1e9 / harness.BF16_DENSE_TFLOPS
-                if name == "ours":
+                if label == "ours":
                     base = ms
                 rows.append(row)
             for row in rows:
@@ -136,7 +143,8 @@ def main():
                                 "bare base GEMM on a dense bf16 weight (fwd+bwd: y and dx only): the ceiling. "
                                 "Dropout 0.1 on the LoRA branch for every provider but cublas_bf16. frac_ceiling: "
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
-                                "on the 4-bit weight bytes. ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
+                                "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph (kernel time, "
+                                "no Python or launch cost; its ours_speedup is against the end-to-end ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
                                 "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree.")
 
 

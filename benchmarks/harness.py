@@ -55,6 +55,22 @@ def time_ms(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph: the GPU time of its kernels without the Python
+    and launch costs, which dominate a decode-sized call end to end. Warmed on a side stream first (autotune,
+    allocations), as torch.cuda.graph requires; raises if fn cannot be captured (e.g. a host sync)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
+
+
 def peak_memory_mb(fn) -> float | None:
     """Peak CUDA memory allocated during fn() above what was allocated before, in MB (None on CPU)."""
     if not torch.cuda.is_available():
