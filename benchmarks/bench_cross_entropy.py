@@ -163,6 +163,9 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 # the same op with torch._grouped_mm (CUTLASS) for its two GEMMs, and the non-persistent grid
                 providers.append(("ours[grouped gemm]", _with_env({"QLORA_KERNELS_CE_GEMM": "grouped"}, ours)))
                 providers.append(("ours[grid gemm]", _with_env({"QLORA_KERNELS_MM_PERSISTENT": "0"}, ours)))
+                # one program per row for the chunk's cross-entropy: 1 launch per chunk instead of 3, and a grid
+                # of chunk rows rather than rows x column chunks (dead chunks past the labelled count are cheaper)
+                providers.append(("ours[row ce]", _with_env({"QLORA_KERNELS_CE_MODE": "row"}, ours)))
                 g = torch.randn(N, V, device=dev, dtype=dtype) if N * V * 2 < 12e9 else None
                 if g is not None and frac == 1.0:
                     providers.append(("cublas-2gemm", lambda: (h @ w.t(), g @ w)))

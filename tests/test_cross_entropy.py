@@ -15,7 +15,7 @@ from qlora_kernels.kernels.cross_entropy import MM_ACC_CONFIGS, MM_CONFIGS, MM_D
 from qlora_kernels.ops import cross_entropy as ops
 from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
 from qlora_kernels.reference import cross_entropy as ref
-from qlora_kernels.testing import CompileCase, assert_close, assert_no_spills, compile_for_gpu
+from qlora_kernels.testing import CompileCase, assert_close, assert_no_spills, check_cuda_graph, compile_for_gpu
 
 TRITON_OK = torch.cuda.is_available() or _backend.interpreting()
 BACKENDS = ["reference"] + (["triton"] if TRITON_OK else [])
@@ -283,6 +283,16 @@ def test_linear_grouped_gemms(frac, frozen, device, monkeypatch):
     _check_linear(72, 64, 1024, frac, dtype, "triton", device, frozen=frozen, chunk_bytes=16 * 1024 * 4)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("frac", [1.0, 0.03])
+def test_linear_row_mode(frac, device, monkeypatch):
+    """QLORA_KERNELS_CE_MODE=row in the linear variant (a benchmark candidate there): several chunks, one
+    partly labelled, the trailing ones past the labelled count."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", "row")
+    _check_linear(72, 32, 1000, frac, torch.float32, "triton", device, label_smoothing=0.1, bias=True,
+                  chunk_bytes=16 * 1000 * 4)
+
+
 def test_linear_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
     with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):
@@ -391,6 +401,31 @@ def test_cuda_no_host_sync_and_large_vocab(gemm, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     _check_ce(logits.detach(), labels, "triton", label_smoothing=0.1, z_loss=1e-4)
     _check_linear(300, 128, V, 0.04, torch.bfloat16, "triton", "cuda", frozen=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemm", ops.GEMMS)
+def test_cuda_graph_replay(gemm, monkeypatch):
+    """Both ops, forward and backward, captured once and replayed on new logits, hidden states and labels
+    (another labelled count: it must be read on the device at replay, not baked in at capture)."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
+    V = 32003
+    logits = (torch.randn(64, V, device="cuda") * 3).bfloat16().requires_grad_()
+    labels = _labels(64, V, 0.5, device="cuda")
+    h = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(V, 128, device="cuda", dtype=torch.bfloat16) / 16
+    hl = _labels(300, V, 0.04, device="cuda")
+
+    def step():
+        logits.grad = h.grad = None
+        a = fused_cross_entropy(logits, labels, label_smoothing=0.1)
+        b = fused_linear_cross_entropy(h, w, hl, z_loss=1e-4)
+        (a + b).backward()
+        return a, b, logits.grad, h.grad
+
+    fresh = [torch.randn_like(logits) * 3, _labels(64, V, 0.3, device="cuda"), torch.randn_like(h),
+             _labels(300, V, 0.5, device="cuda")]
+    check_cuda_graph(step, [logits, labels, h, hl], fresh, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ compile

@@ -16,7 +16,7 @@ from qlora_kernels.nn import LoRALinear4bit
 from qlora_kernels.ops import nf4_lora_linear as ops
 from qlora_kernels.ops.nf4 import quantize_nf4
 from qlora_kernels.reference import nf4_lora_linear as ref
-from qlora_kernels.testing import CompileCase, assert_no_spills, compile_for_gpu, max_error
+from qlora_kernels.testing import CompileCase, assert_no_spills, check_cuda_graph, compile_for_gpu, max_error
 
 nf4_lora_linear = qlora_kernels.nf4_lora_linear
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -147,6 +147,26 @@ def test_cuda_no_host_sync(lookup, monkeypatch):
             run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lookup", ops.LOOKUPS)
+def test_cuda_graph_replay(lookup, monkeypatch):
+    """Forward and backward (training tiles) and the decode forward, captured once and replayed on new x:
+    the decode loop of a generation under CUDA graphs (and the benchmark's [graph] rows) depend on it."""
+    monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
+    for M in (300, 1):
+        qw, x, A, B, b = _make(M, 256, 512, 16, 64, True, torch.bfloat16, "cuda", bias=True)
+        x.requires_grad_()
+        A.requires_grad_()
+
+        def step():
+            x.grad = A.grad = None
+            y = nf4_lora_linear(x, qw, A, B, 2.0, b)
+            y.float().square().sum().backward()
+            return y, x.grad, A.grad
+
+        check_cuda_graph(step, [x], [torch.randn_like(x)], atol=1e-6, rtol=1e-5)
 
 
 def test_lora_weights_in_compute_dtype(device):

@@ -39,6 +39,30 @@ def assert_close(actual, expected, *, atol, rtol, msg=""):
             f"expected {e[index].item()!r} (|diff| {err[index].item():.3g}, atol {atol}, rtol {rtol})")
 
 
+def check_cuda_graph(step, inputs, fresh, *, atol, rtol):
+    """Capture step() (it returns the tensors to check, e.g. outputs and .grad) in a CUDA graph, copy each
+    of `fresh` into the captured tensor of `inputs`, replay, and compare with a plain call of step() on those
+    inputs. A host sync, a pageable copy or a value read on the host while capturing raises; a device-side
+    value baked in at capture time (a label count, a seed) shows up as a mismatch after the copy."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):   # autotune, compile and allocate outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for dst, src in zip(inputs, fresh):
+        dst.detach().copy_(src)
+    graph.replay()
+    replayed = [t.clone() for t in captured]
+    for i, (got, want) in enumerate(zip(replayed, step())):
+        assert_close(got, want, atol=atol, rtol=rtol, msg=f"CUDA graph replay, result {i}:")
+
+
 def max_error(actual, expected):
     """Largest absolute difference, in fp64, as a float."""
     if actual.numel() == 0:
