@@ -21,8 +21,10 @@ GPU_SHAPES = [(1, 4096, 4096, 32), (1, 14336, 4096, 32), (16, 4096, 4096, 32), (
               (4096, 4096, 4096, 32), (4096, 14336, 4096, 32), (4096, 4096, 4096, 256)]
 QUICK_SHAPES = [(64, 256, 256, 8)]
 TRAIN_M = 512          # forward+backward only from here (decode has no backward)
-# providers timed with another NF4 code lookup in the GEMMs (QLORA_KERNELS_NF4_LOOKUP, set for the whole step)
-LOOKUP = {"ours": "select", "ours_prmt": "prmt"}
+# our providers and the switches each runs with (set for the whole step): the NF4 code lookup of the Triton
+# GEMMs, and the one-token CUDA kernel of the extension (csrc/nf4_lora_linear_cuda.cu)
+OURS = {"ours": {"QLORA_KERNELS_NF4_LOOKUP": "select"}, "ours_prmt": {"QLORA_KERNELS_NF4_LOOKUP": "prmt"},
+        "ours_cuda_decode": {"QLORA_KERNELS_DECODE": "cuda"}}
 
 
 def weight_bytes(N, K, blocksize=64):
@@ -48,7 +50,8 @@ def providers(d):
     qw, w, scaling, p = d["qw"], d["w"], d["scaling"], d["p"]
     out = {
         "ours": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
-        "ours_prmt": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),   # see LOOKUP
+        "ours_prmt": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),   # see OURS
+        "ours_cuda_decode": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
         "torch_ref": lambda x, A, B: ref.nf4_lora_linear(
             x, qw, A, B, scaling, keep=torch.rand_like(x, dtype=torch.float32) >= p, dropout_p=p,
             upcast=False).to(x.dtype),
@@ -109,16 +112,17 @@ def main():
             base = None
             for label, fn, graph in [(name, fn, False) for name, fn in fns.items()] + graphed:
                 name = label.removesuffix("[graph]")
-                if name in LOOKUP and device != "cuda" and LOOKUP[name] != "select":
-                    continue   # the inline-PTX lookup exists on CUDA only
-                os.environ["QLORA_KERNELS_NF4_LOOKUP"] = LOOKUP.get(name, "select")
+                if name in OURS and name != "ours" and (device != "cuda" or (name == "ours_cuda_decode" and M != 1)):
+                    continue   # the inline-PTX lookup and the CUDA kernel exist on CUDA only; the latter for M = 1
+                os.environ.update(OURS.get(name, {}))
                 try:
                     ms, mem = run_one(fn, d, mode, graph)
                 except Exception as err:  # noqa: BLE001 - one provider's failure must not cost the others' rows
                     print(f"{label} {M}x{N}x{K} {mode} failed: {err}")
                     continue
                 finally:
-                    os.environ.pop("QLORA_KERNELS_NF4_LOOKUP")
+                    for key in OURS.get(name, {}):
+                        os.environ.pop(key)
                 fl = flops(M, N, K, r, mode) if name != "cublas_bf16" else \
                     (2 if mode == "fwd" else 4) * M * N * K
                 row = {"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": label, "ms": ms,
@@ -126,7 +130,7 @@ def main():
                 if M <= 16:
                     gbs = weight_bytes(N, K) / ms / 1e6
                     row["weight_GB/s"] = gbs
-                    row["frac_ceiling"] = gbs / bw if (bw and name in LOOKUP) else None
+                    row["frac_ceiling"] = gbs / bw if (bw and name in OURS) else None
                 else:
                     row["frac_ceiling"] = fl / ms / 1e9 / harness.BF16_DENSE_TFLOPS
                 if label == "ours":
@@ -145,7 +149,8 @@ def main():
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
                                 "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph (kernel time, "
                                 "no Python or launch cost; its ours_speedup is against the end-to-end ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
-                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree.")
+                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): the extension's "
+                                "CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails, and loses its row, without a CUDA build).")
 
 
 if __name__ == "__main__":

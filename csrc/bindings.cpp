@@ -55,6 +55,49 @@ void nf4_dequantize_cuda_binding(const torch::Tensor& packed, const torch::Tenso
                       reinterpret_cast<void*>(stream));
 }
 
+bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// One token of nf4_lora_linear: y (1, out) = x (1, in) @ dequant(W).T + xa (1, r) @ lora_B.T + bias (fp32).
+void nf4_lora_gemv_cuda_binding(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                                const std::optional<torch::Tensor>& absmax2, const std::optional<torch::Tensor>& code2,
+                                const std::optional<torch::Tensor>& offset, const torch::Tensor& code,
+                                const torch::Tensor& xa, const torch::Tensor& lora_B,
+                                const std::optional<torch::Tensor>& bias, torch::Tensor& y, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t stream) {
+  check_cuda(x, "x");
+  check_cuda(packed, "packed");
+  check_cuda(scales, "scales");
+  check_cuda(code, "code");
+  check_cuda(xa, "xa");
+  check_cuda(y, "y");
+  TORCH_CHECK(lora_B.is_cuda() && lora_B.dim() == 2, "lora_B must be a 2-D CUDA tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && y.dim() == 2 && y.size(0) == 1, "one token: x (1, in), y (1, out)");
+  const int64_t k = x.size(1), n = y.size(1), r = xa.numel();
+  TORCH_CHECK(k % 32 == 0 && blocksize >= 32 && power_of_two(blocksize) && k % blocksize == 0,
+              "in_features must be a multiple of 32 and of blocksize, a power of two >= 32; got ", k, ", ", blocksize);
+  TORCH_CHECK(packed.numel() == n * k / 2 && scales.numel() == n * k / blocksize, "packed / scales sizes");
+  TORCH_CHECK(lora_B.size(0) == n && lora_B.size(1) == r, "lora_B must be (out, r)");
+  TORCH_CHECK(xa.scalar_type() == x.scalar_type() && lora_B.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type(), "x, xa, lora_B and y must share a dtype");
+  TORCH_CHECK(code.scalar_type() == torch::kFloat32 && code.numel() == 16, "code must be the 16 fp32 NF4 values");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "x and packed must be 16-byte aligned");
+  const bool nested = absmax2.has_value();
+  TORCH_CHECK(nested == (scales.scalar_type() == torch::kUInt8), "scales must be uint8 exactly when nested");
+  TORCH_CHECK(!nested || (code2.has_value() && offset.has_value() && power_of_two(nested_blocksize)),
+              "double quant needs code2, offset and a power-of-two nested blocksize");
+  if (bias.has_value()) {
+    check_cuda(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == n, "bias must be fp32 (out,)");
+  }
+  nf4_lora_gemv_cuda(x.data_ptr(), packed.data_ptr<uint8_t>(), scales.data_ptr(),
+                     nested ? absmax2->data_ptr<float>() : nullptr, nested ? code2->data_ptr<float>() : nullptr,
+                     nested ? offset->data_ptr<float>() : nullptr, code.data_ptr<float>(), xa.data_ptr(),
+                     lora_B.data_ptr(), lora_B.stride(0), lora_B.stride(1), r,
+                     bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr(), float_type(x), n, k, blocksize,
+                     nested_blocksize, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 #endif
 
@@ -69,6 +112,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef WITH_CUDA
   m.def("nf4_quantize_cuda", &qlora_kernels::nf4_quantize_cuda_binding, "NF4 quantize (CUDA)");
   m.def("nf4_dequantize_cuda", &qlora_kernels::nf4_dequantize_cuda_binding, "NF4 dequantize (CUDA)");
+  m.def("nf4_lora_gemv_cuda", &qlora_kernels::nf4_lora_gemv_cuda_binding, "NF4 + LoRA linear, one token (CUDA)");
 #endif
   m.attr("with_cuda") =
 #ifdef WITH_CUDA

@@ -5,22 +5,13 @@
 
 #include "nf4_codes.h"
 #include "nf4_cuda.h"
+#include "nf4_device.cuh"
 
 namespace qlora_kernels {
 namespace {
 
 __constant__ float kCode[16];
 __constant__ float kMidpoints[15];
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kQuantThreads = 256;
 
@@ -55,17 +46,6 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
     }
     packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
   }
-}
-
-template <bool kDoubleQuant>
-__device__ __forceinline__ float block_scale(const void* scales, const float* absmax2, const float* code2,
-                                             const float* offset, int64_t block, int64_t nested_blocksize) {
-  if (kDoubleQuant) {
-    const uint8_t q = static_cast<const uint8_t*>(scales)[block];
-    // two roundings, no FMA: bitsandbytes dequantizes the nested absmax, then adds the offset
-    return __fadd_rn(__fmul_rn(code2[q], absmax2[block / nested_blocksize]), *offset);
-  }
-  return static_cast<const float*>(scales)[block];
 }
 
 // Each thread expands 4 packed bytes (8 outputs); blocksize >= 32 keeps them in one scale block.

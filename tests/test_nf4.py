@@ -189,6 +189,28 @@ def test_gpu_compile_nf4_kernels():
         assert_no_spills(report)
 
 
+@pytest.mark.slow   # one C++ compile (~20 s on 2 cores): CI runs it
+def test_cuda_bindings_compile_without_a_gpu():
+    """csrc/bindings.cpp as a CUDA build compiles it (WITH_CUDA), against this torch's headers: a binding error
+    must not first show up in the GPU machine's build. (The .cu files: .ci/run compiles them with nvcc.)"""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [cxx, "-fsyntax-only", "-std=c++17", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+           *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}", "-Icsrc",
+           "csrc/bindings.cpp"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 # --- the code lookups the fused GEMMs use (kernels/nf4.py) ---------------------------------------------------
 
 def test_kernel_code_table_is_the_format():

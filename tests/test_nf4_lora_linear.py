@@ -149,6 +149,41 @@ def test_cuda_no_host_sync(lookup, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
 
 
+def test_decode_setting_is_checked(monkeypatch):
+    x = torch.randn(1, 64)
+    assert not ops.cuda_decode(x, 64, 256)                    # default: the Triton decode tile
+    monkeypatch.setenv("QLORA_KERNELS_DECODE", "cuda")
+    assert not ops.cuda_decode(x, 64, 256)                    # CPU tensors never take the CUDA kernel
+    monkeypatch.setenv("QLORA_KERNELS_DECODE", "gemv")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_DECODE"):
+        ops.cuda_decode(x, 64, 256)
+
+
+CUDA_EXT = torch.cuda.is_available() and getattr(_backend.native(), "with_cuda", False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_EXT, reason="the CUDA decode kernel needs the extension built with CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+# (N, K, r, blocksize, double_quant): rows past the last CTA's, K-slices split unevenly over the warps,
+# r past one warp's 32 lanes, blocksize 32 (one scale per lane), 128 and 4096 (several K-slices per scale)
+@pytest.mark.parametrize("shape", [(37, 96, 1, 64, True), (300, 2080, 40, 32, False), (64, 4096, 256, 4096, True),
+                                   (8, 1024, 8, 128, False)])
+def test_cuda_decode_kernel(dtype, shape, monkeypatch):
+    """QLORA_KERNELS_DECODE=cuda: one token through csrc/nf4_lora_linear_cuda.cu, against the fp32 reference
+    (gradients through the Triton backward), bias and no bias, a 3-D x and a view at an offset."""
+    monkeypatch.setenv("QLORA_KERNELS_DECODE", "cuda")
+    N, K, r, bs, dq = shape
+    qw, x, A, B, b = _make(1, N, K, r, bs, dq, dtype, "cuda", bias=True)
+    assert ops.cuda_decode(x, bs, qw.nested_blocksize if dq else None)
+    _compare(qw, x, A, B, b, 2.0, "default")
+    _compare(qw, x, A.to(dtype), B.to(dtype), None, 0.5, "default")
+    big = torch.randn(3, 5, K, device="cuda").to(dtype)
+    y = nf4_lora_linear(big[1:2, 3], qw, A, B, 2.0, b, training=False)     # (1, K) view, offset 8 rows in
+    ref_y = ref.nf4_lora_linear(big[1:2, 3], qw, A, B, 2.0, b)
+    assert max_error(y, ref_y) <= max(1e-2 * float(ref_y.abs().max()), 1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("lookup", ops.LOOKUPS)
 def test_cuda_graph_replay(lookup, monkeypatch):

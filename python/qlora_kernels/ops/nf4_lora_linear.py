@@ -26,10 +26,12 @@ from qlora_kernels import _backend
 from qlora_kernels.kernels import nf4_lora_linear as kernels
 from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.ops.nf4 import LOOKUPS, dequantize_nf4, prmt_lookup  # noqa: F401 - LOOKUPS: tests, bench
+from qlora_kernels.ops.nf4 import _code_table, _cuda_stream
 from qlora_kernels.reference import nf4 as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M = 16
+DECODES = ("triton", "cuda")
 _warned_fallback = False
 
 
@@ -174,6 +176,34 @@ def _out(t):
     return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
 
 
+def cuda_decode(x2d, blocksize, nested):
+    """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
+    instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup):
+    QLORA_KERNELS_DECODE=cuda, opt-in until a GPU run has measured it. Needs the extension built with CUDA
+    (an error names it otherwise), in_features % 32 == 0 and power-of-two block sizes; other shapes keep
+    the Triton kernel."""
+    decode = os.environ.get("QLORA_KERNELS_DECODE", "triton")
+    if decode not in DECODES:
+        raise ValueError(f"QLORA_KERNELS_DECODE={decode!r}: expected one of {DECODES}")
+    if decode != "cuda" or not x2d.is_cuda or x2d.shape[0] != 1:
+        return False
+    if not getattr(_backend.native(), "with_cuda", False):
+        raise RuntimeError("QLORA_KERNELS_DECODE=cuda needs qlora_kernels._C built with CUDA (nvcc at install time)")
+    power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    return (x2d.shape[1] % 32 == 0 and blocksize >= 32 and power_of_two(blocksize)
+            and (nested is None or power_of_two(nested)))
+
+
+def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y, blocksize, nested):
+    x1 = x2d.contiguous()
+    if x1.data_ptr() % 16:   # a view at an odd offset: the kernel reads x in 16-byte vectors
+        x1 = x1.clone()
+    packed = packed if packed.data_ptr() % 16 == 0 else packed.clone()
+    _backend.native().nf4_lora_gemv_cuda(x1, packed, scales, absmax2, code2, offset, _code_table(x1.device), xa,
+                                         B, None if bias is None else bias.float().contiguous(), y, blocksize, nested,
+                                         _cuda_stream(x1.device))
+
+
 def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):
     M, K = x2d.shape
     r = A.shape[0]
@@ -184,7 +214,8 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     flags = _flags(x2d, blocksize)
     lora_dt = torch.float32 if flags["COMPUTE_F32"] else x2d.dtype
     A, B = A.to(lora_dt), B.to(lora_dt)       # tiny; the kernels then read tensor-core operands directly
-    absmax = _scales32(scales, absmax2, code2, offset, nested)
+    decode = cuda_decode(x2d, blocksize, nested if absmax2 is not None else None)
+    absmax = None if decode else _scales32(scales, absmax2, code2, offset, nested)
     interp = _backend.interpreting()
     br = min(_r_block(r), 256)
     bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
@@ -194,6 +225,9 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
         x2d, A, seed if seed is not None else dummy, xa, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0),
         A.stride(1), scaling / (1.0 - p), p, HAS_DROPOUT=p > 0, COMPUTE_F32=flags["COMPUTE_F32"],
         BM=bm, BK=bk, BR=br, num_warps=kernels.lora_down_num_warps(br))
+    if decode:
+        _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y, blocksize, nested)
+        return y, xa
     small = M <= SMALL_M
     args = (x2d, packed, absmax, xa, B, bias if bias is not None else dummy,
             _out(y), M, N, K, r, x2d.stride(0), x2d.stride(1), B.stride(0), B.stride(1))

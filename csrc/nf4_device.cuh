@@ -1,0 +1,32 @@
+// Device helpers shared by the CUDA kernels: float conversions and the NF4 block scale.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace qlora_kernels {
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The fp32 scale of NF4 block `block`: absmax, or with double quant code2[q] * absmax2[block / nested] + offset.
+template <bool kDoubleQuant>
+__device__ __forceinline__ float block_scale(const void* scales, const float* absmax2, const float* code2,
+                                             const float* offset, int64_t block, int64_t nested_blocksize) {
+  if (kDoubleQuant) {
+    const uint8_t q = static_cast<const uint8_t*>(scales)[block];
+    // two roundings, no FMA: bitsandbytes dequantizes the nested absmax, then adds the offset
+    return __fadd_rn(__fmul_rn(code2[q], absmax2[block / nested_blocksize]), *offset);
+  }
+  return static_cast<const float*>(scales)[block];
+}
+
+}  // namespace qlora_kernels
