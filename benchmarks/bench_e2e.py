@@ -3,6 +3,8 @@ random weights (no download), NF4 double quant (bitsandbytes storage) + PEFT LoR
 
 Providers, same model and batch, measured in one process:
 - "bnb+peft+torch": bitsandbytes NF4 + PEFT LoRA, HF loss on full logits, clip_grad_norm_ + torch AdamW(fused)
+- "bnb+peft+torch+liger": the same with Liger's fused linear cross-entropy on the backbone's hidden states
+  (when liger_kernel is installed)
 - "qlora_kernels": the same model after qlora_kernels.patch_model (fused NF4+LoRA GEMMs, linear
   cross-entropy on the labelled rows only) + FusedAdamW(max_grad_norm=0.3)
 Completion-only labels: the last 5 positions of every row (~4 % at seq 128), as in the price recipe.
@@ -80,6 +82,25 @@ def step_fn(model, optimizer, ids, labels, clip):
     return step
 
 
+def liger_step_fn(model, optimizer, ids, labels):
+    """bnb+peft+torch with Liger's fused linear cross-entropy as the loss: the backbone's hidden states and
+    the LM head's weight go to Liger (shifted as HF does), so the full logits are never built."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    causal_lm = model.get_base_model()     # the LlamaForCausalLM that holds PEFT's LoRA layers
+
+    def step():
+        hidden = causal_lm.model(input_ids=ids).last_hidden_state
+        loss = loss_fn(causal_lm.lm_head.weight, hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                       labels[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def main():
     args = harness.parse_args(__doc__)
     device = harness.device()
@@ -105,22 +126,35 @@ def main():
             "qlora_kernels": step_fn(ours, qk.FusedAdamW(trainable(ours), lr=1e-4, weight_decay=0.001,
                                                          max_grad_norm=0.3), ids, labels, clip=False),
         }
+        try:   # same model as bnb+peft+torch (its own optimizer state): only the loss differs
+            providers["bnb+peft+torch+liger"] = liger_step_fn(
+                base, torch.optim.AdamW(trainable(base), lr=1e-4, weight_decay=0.001, fused=device == "cuda"),
+                ids, labels)
+        except ImportError as err:
+            print(f"bnb+peft+torch+liger skipped: {err}")
         results = {}
         for name, step in providers.items():
             try:
                 ms = harness.time_ms(step, reps=3 if device == "cpu" else 5)
                 peak = harness.peak_memory_mb(step)
-            except torch.OutOfMemoryError:
+            except Exception as err:  # noqa: BLE001 - OOM or a peer's failure costs that provider's row only
+                oom = isinstance(err, torch.OutOfMemoryError)
+                if not oom:
+                    print(f"{name} {shape} {lora_name} failed: {err}")
                 rows.append({"model": shape, "lora": lora_name, "batch x seq": f"{n_rows}x{seq}", "provider": name,
-                             "ms/step": None, "peak MB": "OOM"})
+                             "ms/step": None, "peak MB": "OOM" if oom else "failed"})
                 results[name] = float("nan")
-                torch.cuda.empty_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             results[name] = ms
             rows.append({"model": shape, "lora": lora_name, "batch x seq": f"{n_rows}x{seq}", "provider": name,
                          "ms/step": ms, "tokens/s": n_rows * seq / ms * 1e3, "peak MB": peak,
                          "patched layers": len(report.patched) if name == "qlora_kernels" else None})
-        rows[-1]["speedup vs bnb+peft"] = results["bnb+peft+torch"] / results["qlora_kernels"]
+        ours_row = next(row for row in rows[::-1] if row["provider"] == "qlora_kernels")
+        for peer in ("bnb+peft+torch", "bnb+peft+torch+liger"):
+            if peer in results:
+                ours_row[f"speedup vs {peer}"] = results[peer] / results["qlora_kernels"]
         del base, ours, providers
         if device == "cuda":
             torch.cuda.empty_cache()
