@@ -6,7 +6,6 @@ A pointer table, not a flat buffer: the optimizer updates the caller's tensors w
 once per set of (param, grad) addresses and cached by the optimizer (benchmarks/NOTES.md).
 """
 import torch
-import triton
 
 from qlora_kernels import _backend
 from qlora_kernels.kernels import adamw as kernels
@@ -17,7 +16,7 @@ DTYPE_CODES = {torch.float32: kernels.DT_FP32, torch.bfloat16: kernels.DT_BF16, 
 
 def block_size(numels=(), norm=False) -> int:
     if _backend.interpreting():  # cost per program and per array element: one chunk per tensor, no bigger
-        return min(kernels.INTERPRET_BLOCK, max(256, triton.next_power_of_2(max(numels, default=1))))
+        return min(kernels.INTERPRET_BLOCK, max(256, _backend.next_power_of_2(max(numels, default=1))))
     return kernels.NORM_BLOCK if norm else kernels.UPDATE_BLOCK
 
 

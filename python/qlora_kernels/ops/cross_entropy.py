@@ -8,7 +8,6 @@ number of counted tokens stays a device tensor that the kernels read.
 import os
 
 import torch
-import triton
 
 from qlora_kernels import _backend
 from qlora_kernels.kernels import cross_entropy as kernels
@@ -82,7 +81,7 @@ def _block_v(V, block_v):
         return block_v
     cap = INTERPRET_BLOCK_V if _backend.interpreting() else \
         int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_BLOCK_V))   # env: benchmark sweeps
-    return min(cap, triton.next_power_of_2(V))
+    return min(cap, _backend.next_power_of_2(V))
 
 
 # ------------------------------------------------------------------------------------ Triton launchers
@@ -94,14 +93,14 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
     if N == 0:
         return
     BLOCK_V = _block_v(V, block_v)
-    NCHUNK = triton.cdiv(V, BLOCK_V)
+    NCHUNK = _backend.cdiv(V, BLOCK_V)
     warps = int(os.environ.get("QLORA_KERNELS_CE_WARPS", kernels.CE_NUM_WARPS))
     sc = _softcap_value(softcap)
     common = dict(HAS_SOFTCAP=softcap is not None)
     mode = _ce_mode()
     if mode == "row" and gscale is None:
         rb = block_v or min(int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_ROW_BLOCK_V)),
-                            triton.next_power_of_2(V))
+                            _backend.next_power_of_2(V))
         kernels.ce_row_kernel[(N,)](
             x, labels, grad if grad is not None else x, loss, lse, count, V, x.stride(0),
             grad.stride(0) if grad is not None else 0, ignore_index, smoothing, z_loss, sc, BLOCK_V=rb,
@@ -113,14 +112,14 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
         counter = torch.zeros(N, dtype=torch.int32, device=x.device)
         kernels.ce_fused_kernel[(N * NCHUNK,)](
             x, labels, grad, part, counter, loss, lse, count, N, V, x.stride(0), grad.stride(0), ignore_index,
-            smoothing, z_loss, sc, NCHUNK=NCHUNK, NCHUNK_P2=triton.next_power_of_2(NCHUNK), BLOCK_V=BLOCK_V,
+            smoothing, z_loss, sc, NCHUNK=NCHUNK, NCHUNK_P2=_backend.next_power_of_2(NCHUNK), BLOCK_V=BLOCK_V,
             MEAN=mean, WRITE_IGNORED=write_ignored, num_warps=warps, **common)
         return
     kernels.ce_stats_kernel[(N * NCHUNK,)](x, labels, part, N, V, x.stride(0), ignore_index, sc, NCHUNK=NCHUNK,
                                            BLOCK_V=BLOCK_V, num_warps=warps, **common)
     rows = kernels.CE_COMBINE_ROWS
-    kernels.ce_combine_kernel[(triton.cdiv(N, rows),)](labels, part, loss, lse, N, V, ignore_index, smoothing,
-                                                       z_loss, NCHUNK=NCHUNK, NCHUNK_P2=triton.next_power_of_2(NCHUNK),
+    kernels.ce_combine_kernel[(_backend.cdiv(N, rows),)](labels, part, loss, lse, N, V, ignore_index, smoothing,
+                                                       z_loss, NCHUNK=NCHUNK, NCHUNK_P2=_backend.next_power_of_2(NCHUNK),
                                                        BLOCK_R=rows)
     if grad is not None:
         _grad_launch(x, labels, lse, grad, count, gscale, ignore_index=ignore_index, smoothing=smoothing,
@@ -133,7 +132,7 @@ def _grad_launch(x, labels, lse, grad, count, gscale, *, ignore_index, smoothing
     if N == 0:
         return
     BLOCK_V = _block_v(V, block_v)
-    NCHUNK = triton.cdiv(V, BLOCK_V)
+    NCHUNK = _backend.cdiv(V, BLOCK_V)
     kernels.ce_grad_kernel[(N * NCHUNK,)](
         x, labels, lse, grad, gscale if gscale is not None else lse, 1, count if count is not None else lse, V,
         x.stride(0), grad.stride(0), ignore_index, smoothing, z_loss, _softcap_value(softcap), NCHUNK=NCHUNK,
@@ -148,7 +147,7 @@ def _scale_(x, g, backend):
     if _cpu_backend(backend):
         x.mul_(g.to(x.dtype) if x.dtype != torch.float32 else g)
         return
-    kernels.scale_kernel[(triton.cdiv(x.numel(), kernels.SCALE_BLOCK),)](x, g, x.numel(),
+    kernels.scale_kernel[(_backend.cdiv(x.numel(), kernels.SCALE_BLOCK),)](x, g, x.numel(),
                                                                          BLOCK=kernels.SCALE_BLOCK, num_warps=8)
 
 
@@ -178,7 +177,7 @@ def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, b
     N = b.shape[1]
     kind = "acc" if accumulate else kind
     cfg = dict(_mm_config(a.device, kind))
-    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    tiles = _backend.cdiv(M, cfg["BM"]) * _backend.cdiv(N, cfg["BN"])
     persistent = not _backend.interpreting() and os.environ.get("QLORA_KERNELS_MM_PERSISTENT", "1") == "1"
     grid = (min(tiles, _num_sms(a.device) * MM_PROGRAMS_PER_SM[kind]) if persistent else tiles,)
     kernels.bounded_matmul_kernel[grid](
@@ -432,7 +431,7 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
         if need_w:
             _bounded_mm(lg.t(), h, grad_w, count, s, limit_k=True, accumulate=True, gather_b=rows)
         if need_b:
-            kernels.colsum_kernel[(triton.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
+            kernels.colsum_kernel[(_backend.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
                                                           BLOCK_C=256)
     loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
     return loss, grad_h[:N] if need_h else None, grad_w, grad_b

@@ -4,7 +4,6 @@ import functools
 import os
 
 import torch
-import triton
 
 from qlora_kernels import _backend
 from qlora_kernels.kernels import nf4 as kernels
@@ -100,7 +99,7 @@ def _quantize_triton(x, blocksize):
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     rows = max(1, kernels.QUANT_TILE // blocksize)
     mids = _midpoints(x.device)
-    kernels.nf4_quantize_kernel[(triton.cdiv(nblocks, rows),)](x, mids, packed, absmax, n, nblocks,
+    kernels.nf4_quantize_kernel[(_backend.cdiv(nblocks, rows),)](x, mids, packed, absmax, n, nblocks,
                                                                 BLOCKSIZE=blocksize, ROWS=rows,
                                                                 num_warps=kernels.QUANT_NUM_WARPS)
     return packed, absmax
@@ -112,7 +111,7 @@ def _dequantize_triton(qweight):
     scales, absmax2, code2, offset = qweight.scale_tensors()
     # the interpreter's fp32 -> bf16 conversion truncates: round in the kernel, store the bits
     bf16_bits = _backend.interpreting() and out.dtype == torch.bfloat16
-    grid = (triton.cdiv((n + 1) // 2, kernels.DEQUANT_BLOCK_BYTES),)
+    grid = (_backend.cdiv((n + 1) // 2, kernels.DEQUANT_BLOCK_BYTES),)
     kernels.nf4_dequantize_kernel[grid](
         qweight.packed, scales, absmax2 if absmax2 is not None else scales, code2 if code2 is not None else scales,
         offset if offset is not None else scales, _code_table(qweight.device),

@@ -122,7 +122,7 @@ def _dropped_triton(x2d, seed, p):
     n = x.numel()
     if n:
         block = kernels.INTERPRET_DROPOUT_BLOCK if _backend.interpreting() else kernels.DROPOUT_BLOCK
-        kernels.dropout_keep_kernel[(triton.cdiv(n, block),)](x, seed, out, n, x.shape[1], p, BLOCK=block)
+        kernels.dropout_keep_kernel[(_backend.cdiv(n, block),)](x, seed, out, n, x.shape[1], p, BLOCK=block)
     return out
 
 
@@ -169,7 +169,7 @@ def _scales32(scales, absmax2, code2, offset, nested):
 
 
 def _r_block(r):
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _backend.next_power_of_2(r))
 
 
 def _out(t):
@@ -221,7 +221,7 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
               else (kernels.LORA_DOWN_BM, kernels.lora_down_block_k(br)))
     dummy = scales
-    kernels.lora_down_kernel[(triton.cdiv(M, bm), triton.cdiv(r, br))](
+    kernels.lora_down_kernel[(_backend.cdiv(M, bm), _backend.cdiv(r, br))](
         x2d, A, seed if seed is not None else dummy, xa, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0),
         A.stride(1), scaling / (1.0 - p), p, HAS_DROPOUT=p > 0, COMPUTE_F32=flags["COMPUTE_F32"],
         BM=bm, BK=bk, BR=br, num_warps=kernels.lora_down_num_warps(br))
@@ -231,7 +231,7 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     small = M <= SMALL_M
     args = (x2d, packed, absmax, xa, B, bias if bias is not None else dummy,
             _out(y), M, N, K, r, x2d.stride(0), x2d.stride(1), B.stride(0), B.stride(1))
-    grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)  # noqa: E731
+    grid = lambda c: (_backend.cdiv(M, c["BM"]) * _backend.cdiv(N, c["BN"]),)  # noqa: E731
     _launch("fwd_small" if small else "fwd", kernels.INTERPRET_FWD_SMALL_M if small else kernels.INTERPRET_FWD,
             grid, args, dict(flags, HAS_LORA=True, HAS_BIAS=bias is not None))
     return y, xa
@@ -255,7 +255,7 @@ def _bwd_triton(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed,
             absmax = _scales32(scales, absmax2, code2, offset, nested)
             args = (dy, packed, absmax, g, Al, seed if seed is not None else absmax, _out(dx),
                     M, N, K, r, dy.stride(0), dy.stride(1), Al.stride(0), Al.stride(1), p)
-            grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(K, c["BK"]),)  # noqa: E731
+            grid = lambda c: (_backend.cdiv(M, c["BM"]) * _backend.cdiv(K, c["BK"]),)  # noqa: E731
             _launch("dx", kernels.INTERPRET_DX, grid, args,
                     dict(flags, HAS_LORA=True, HAS_DROPOUT=p > 0, BR=min(_r_block(r), br)))
     if need_dA:
