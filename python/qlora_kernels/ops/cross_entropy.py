@@ -5,6 +5,7 @@ Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a
 path for other CPU tensors ("cpu" / "reference"). The CUDA path never synchronizes with the host: the
 number of counted tokens stays a device tensor that the kernels read.
 """
+import functools
 import os
 
 import torch
@@ -154,16 +155,21 @@ def _scale_(x, g, backend):
 MM_PROGRAMS_PER_SM = {"fwd": 1, "acc": 1, "dgrad": 2}   # resident programs per SM at each config's shared memory
 
 
+@functools.lru_cache(maxsize=None)   # device queries, once per device: the chunk loop launches ~3 GEMMs a chunk
 def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device):
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _mm_config(device, kind):
     if _backend.interpreting():
         return kernels.MM_INTERPRET_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
     table = {"acc": kernels.MM_ACC_CONFIGS, "dgrad": kernels.MM_DGRAD_CONFIGS}.get(kind, kernels.MM_CONFIGS)
-    return table[9 if major >= 9 else 8]
+    return table[9 if _capability_major(device) >= 9 else 8]
 
 
 def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, bias=None, accumulate=False,
@@ -373,7 +379,7 @@ def _grouped_gemms(h, w, b):
     if gemm != "grouped" or b is not None or not hasattr(torch, "_grouped_mm"):
         return False
     if h.is_cuda:
-        return (torch.cuda.get_device_capability(h.device)[0] in (9, 10) and h.dtype == torch.bfloat16
+        return (_capability_major(h.device) in (9, 10) and h.dtype == torch.bfloat16
                 and h.shape[1] % 8 == 0 and w.shape[0] % 8 == 0)
     return True   # CPU tensors (interpreter tests): torch's reference implementation of the op
 
