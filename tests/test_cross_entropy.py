@@ -293,6 +293,20 @@ def test_linear_row_mode(frac, device, monkeypatch):
                   chunk_bytes=16 * 1000 * 4)
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_launches_no_chunk_past_a_known_count(device, monkeypatch):
+    """Chunks past the labelled count are not launched once the count is on the host (CPU tensors at once;
+    CUDA when its non-blocking copy has landed): 9 of 72 rows labelled in chunks of 16 rows -> 1 chunk,
+    whose two GEMMs run; and the result stays right."""
+    calls = []
+    real = ops._bounded_mm
+    monkeypatch.setattr(ops, "_bounded_mm", lambda *a, **k: calls.append(
+        "acc" if k.get("accumulate") else k.get("kind", "fwd")) or real(*a, **k))
+    _check_linear(72, 32, 1000, 0.125, torch.float32, "triton", device, chunk_bytes=16 * 1000 * 4)
+    if device == "cpu":
+        assert calls == ["fwd", "dgrad", "acc"], calls      # one chunk: logits, input and weight gradients
+
+
 def test_linear_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
     with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):

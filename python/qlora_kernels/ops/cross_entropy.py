@@ -384,6 +384,30 @@ def _grouped_gemms(h, w, b):
     return True   # CPU tensors (interpreter tests): torch's reference implementation of the op
 
 
+class _CountOnHost:
+    """The labelled-row count on the host once it is there, never waited for. A CUDA count is copied to
+    pinned memory behind an event; `past(s)` is True only when that copy has landed (the query does not
+    block) and count <= s. The chunk loop then stops launching chunks past the count, which would only
+    exit at once but still cost ~5 launches of host time each (the host-bound case: the GPU keeps up).
+    While the GPU is behind, every chunk is launched as before. Off while a CUDA graph is captured (a
+    replay has another count); CPU tensors (the interpreter) know it at once."""
+
+    def __init__(self, count):
+        self.value, self.event = None, None
+        if not count.is_cuda:
+            self.value = int(count)
+        elif not torch.cuda.is_current_stream_capturing():
+            self.host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
+            self.host.copy_(count, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def past(self, s):
+        if self.value is None and self.event is not None and self.event.query():
+            self.value = int(self.host)
+        return self.value is not None and self.value <= s
+
+
 def _alloc_chunk(rows, V, dtype, device):
     """The linear variant's one (rows, V) logits buffer (a function so tests can watch its size)."""
     return torch.empty((rows, V), dtype=dtype, device=device)
@@ -418,7 +442,10 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
     wt = w.t()
+    counted = _CountOnHost(count)
     for s in range(0, N, R):
+        if counted.past(s):
+            break
         r = min(R, N - s)
         rows = idx[s:s + r]
         if grouped:   # rows past the count are neither computed nor read
