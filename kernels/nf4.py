@@ -17,6 +17,7 @@ NF4_VALUES = (
 # enough in flight per SM to stream at bandwidth with 4 warps (16 bytes/thread/load).
 DEQUANT_BLOCK_BYTES = 2048
 DEQUANT_NUM_WARPS = 4
+SCALES_BLOCK = 1024   # double-quant scales decoded per program (nf4_block_scales_kernel)
 # Elements per quantize program (whole scale blocks; ROWS = QUANT_TILE // blocksize, at least 1).
 QUANT_TILE = 4096
 QUANT_NUM_WARPS = 16  # 8 elements per thread; 8 warps spill around the div.rn call at BLOCKSIZE=4096 on sm_80
@@ -121,6 +122,18 @@ def nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
         return scaled + tl.load(offset_ptr)
     else:
         return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def nf4_block_scales_kernel(qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, nblocks,
+                            NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[b] = code2[q[b]] * absmax2[b // NESTED_BLOCKSIZE] + offset for b < nblocks (fp32): the double-quant
+    scales the fused GEMMs read, decoded in one pass (launch without fp fusion: two roundings, as
+    bitsandbytes)."""
+    block = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = block < nblocks
+    scale = nf4_block_scale(qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, True, NESTED_BLOCKSIZE)
+    tl.store(out_ptr + block, scale, mask=mask)
 
 
 @triton.jit

@@ -165,6 +165,20 @@ def test_bad_blocksize_names_allowed_ones():
         qk.quantize_nf4(torch.ones(4, 4), backend="fast")
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or _backend.interpreting()), reason="Triton needs CUDA or the interpreter")
+def test_block_scales_kernel_is_the_reference_bit_for_bit(device):
+    """The double-quant scales the fused GEMMs read (one Triton kernel, no fma) equal the reference's two
+    roundings bit for bit, over several nested blocks and a partial last one; plain scales pass through."""
+    from qlora_kernels.ops.nf4 import block_scales
+
+    qw = qk.quantize_nf4(torch.randn(300, 1000, device=device) * 3, 64, True, backend="reference")
+    scales, absmax2, code2, offset = qw.scale_tensors()
+    got = block_scales(scales, absmax2, code2, offset, qw.nested_blocksize)
+    want = ref.dequantize_absmax(scales, absmax2, code2, offset, qw.nested_blocksize)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert block_scales(want, None, None, None, qw.nested_blocksize) is want
+
+
 @pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_gpu_compile_nf4_kernels():
     """The NF4 kernels compile for sm_80 and sm_90 at their real configs with no spills."""
@@ -184,6 +198,10 @@ def test_gpu_compile_nf4_kernels():
         cases.append(CompileCase("qlora_kernels.kernels.nf4", "nf4_quantize_kernel", q_sig,
                                  {"BLOCKSIZE": blocksize, "ROWS": max(1, kernels.QUANT_TILE // blocksize)},
                                  num_warps=kernels.QUANT_NUM_WARPS))
+    sc_sig = {"qabsmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
+              "out_ptr": "*fp32", "nblocks": "i64", "NESTED_BLOCKSIZE": "constexpr", "BLOCK": "constexpr"}
+    cases.append(CompileCase("qlora_kernels.kernels.nf4", "nf4_block_scales_kernel", sc_sig,
+                             {"NESTED_BLOCKSIZE": 256, "BLOCK": kernels.SCALES_BLOCK}))
     for report in compile_for_gpu(cases):
         print(report)
         assert_no_spills(report)

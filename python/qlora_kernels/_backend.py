@@ -25,6 +25,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def no_fp_fusion() -> dict:
+    """Launch options that keep the compiler from contracting a * b + c into one fma, where the format or
+    the reference rounds the product first (explicit tl.fma stays); the interpreter takes no options."""
+    return {} if interpreting() else {"enable_fp_fusion": False}
+
+
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter (must be set before import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -91,13 +91,9 @@ def launch_update(table, stats, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
         float(weight_decay), int(seed),
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), CLIP=bool(clip), SKIP=bool(skip_nonfinite),
         STOCHASTIC=bool(stochastic_rounding), BLOCK=table.block, num_warps=table.num_warps,
-        **_no_fp_fusion())
+        **_backend.no_fp_fusion())   # torch rounds p * f32(1 - lr wd) before the add
 
 
-def _no_fp_fusion():
-    # torch rounds p * f32(1 - lr wd) before adding the update: keep the compiler from contracting it
-    # into an fma (the fmas the recipe wants are explicit tl.fma). The interpreter takes no options.
-    return {} if _backend.interpreting() else {"enable_fp_fusion": False}
 
 
 def cpu_grad_stats(grads):

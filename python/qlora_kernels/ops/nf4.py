@@ -105,6 +105,21 @@ def _quantize_triton(x, blocksize):
     return packed, absmax
 
 
+def block_scales(scales, absmax2, code2, offset, nested_blocksize):
+    """fp32 block scales from a weight's scale storage (NF4Weight.scale_tensors()): `scales` itself, or the
+    double quant decoded by one Triton kernel (CUDA tensors or the interpreter; the reference otherwise)."""
+    if absmax2 is None:
+        return scales
+    if not (scales.is_cuda or _backend.interpreting()):
+        return ref.dequantize_absmax(scales, absmax2, code2, offset, nested_blocksize)
+    n = scales.numel()
+    out = torch.empty(n, dtype=torch.float32, device=scales.device)
+    kernels.nf4_block_scales_kernel[(_backend.cdiv(n, kernels.SCALES_BLOCK),)](
+        scales, absmax2, code2, offset, out, n, NESTED_BLOCKSIZE=nested_blocksize, BLOCK=kernels.SCALES_BLOCK,
+        **_backend.no_fp_fusion())
+    return out
+
+
 def _dequantize_triton(qweight):
     out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
     n = qweight.numel()

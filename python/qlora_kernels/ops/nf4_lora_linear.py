@@ -26,8 +26,7 @@ from qlora_kernels import _backend
 from qlora_kernels.kernels import nf4_lora_linear as kernels
 from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.ops.nf4 import LOOKUPS, dequantize_nf4, prmt_lookup  # noqa: F401 - LOOKUPS: tests, bench
-from qlora_kernels.ops.nf4 import _code_table, _cuda_stream
-from qlora_kernels.reference import nf4 as ref
+from qlora_kernels.ops.nf4 import _code_table, _cuda_stream, block_scales
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M = 16
@@ -164,10 +163,6 @@ def _xa_dtype(x2d):
     return x2d.dtype if x2d.device.type == "cuda" and x2d.dtype != torch.float32 else torch.float32
 
 
-def _scales32(scales, absmax2, code2, offset, nested):
-    return scales if absmax2 is None else ref.dequantize_absmax(scales, absmax2, code2, offset, nested)
-
-
 def _r_block(r):
     return max(16, _backend.next_power_of_2(r))
 
@@ -215,7 +210,7 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     lora_dt = torch.float32 if flags["COMPUTE_F32"] else x2d.dtype
     A, B = A.to(lora_dt), B.to(lora_dt)       # tiny; the kernels then read tensor-core operands directly
     decode = cuda_decode(x2d, blocksize, nested if absmax2 is not None else None)
-    absmax = None if decode else _scales32(scales, absmax2, code2, offset, nested)
+    absmax = None if decode else block_scales(scales, absmax2, code2, offset, nested)
     interp = _backend.interpreting()
     br = min(_r_block(r), 256)
     bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
@@ -252,7 +247,7 @@ def _bwd_triton(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed,
             flags = _flags(dy, blocksize)
             br = kernels.INTERPRET_DX_LORA_BR if _backend.interpreting() else kernels.DX_LORA_BR
             Al = A.to(torch.float32 if flags["COMPUTE_F32"] else cd)
-            absmax = _scales32(scales, absmax2, code2, offset, nested)
+            absmax = block_scales(scales, absmax2, code2, offset, nested)
             args = (dy, packed, absmax, g, Al, seed if seed is not None else absmax, _out(dx),
                     M, N, K, r, dy.stride(0), dy.stride(1), Al.stride(0), Al.stride(1), p)
             grid = lambda c: (_backend.cdiv(M, c["BM"]) * _backend.cdiv(K, c["BK"]),)  # noqa: E731
