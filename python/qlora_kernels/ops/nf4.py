@@ -132,7 +132,8 @@ def _dequantize_triton(qweight):
         offset if offset is not None else scales, _code_table(qweight.device),
         out.view(torch.int16) if bf16_bits else out, n,
         BLOCKSIZE=qweight.blocksize, DOUBLE_QUANT=qweight.double_quant, NESTED_BLOCKSIZE=qweight.nested_blocksize,
-        OUT_BF16_BITS=bf16_bits, BLOCK_BYTES=kernels.DEQUANT_BLOCK_BYTES, num_warps=kernels.DEQUANT_NUM_WARPS)
+        OUT_BF16_BITS=bf16_bits, BLOCK_BYTES=kernels.DEQUANT_BLOCK_BYTES, num_warps=kernels.DEQUANT_NUM_WARPS,
+        **_backend.no_fp_fusion())   # the nested scale: code2[q] * absmax2 rounds before + offset
     return out
 
 
