@@ -49,9 +49,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, l
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
     scales, absmax2, code2, offset = qweight.scale_tensors()
     x2d = x.reshape(-1, qweight.shape[1])
-    y, _ = torch.ops.qlora_kernels.nf4_lora_linear_fwd(
-        x2d, qweight.packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, qweight.shape[0],
-        qweight.blocksize, qweight.nested_blocksize, float(scaling), p, backend or "")
+    y = _NF4LoRALinear.apply(x2d, qweight.packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed,
+                             qweight.shape[0], qweight.blocksize, qweight.nested_blocksize, float(scaling), p,
+                             backend or "")
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
@@ -356,28 +356,33 @@ def _(dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed,
             dy.new_empty((N,), dtype=torch.float32) if need_dbias else dy.new_empty((0,)))
 
 
-def _setup_context(ctx, inputs, output):
-    (x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
-     nested_blocksize, scaling, dropout_p, backend) = inputs
-    need = ctx.needs_input_grad
-    ctx.need = (need[0], need[6], need[7], bias is not None and need[8])
-    ctx.consts = (blocksize, nested_blocksize, scaling, dropout_p, backend)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x2d if ctx.need[1] else None, packed, scales, absmax2, code2, offset, lora_A, lora_B,
-                          output[1], seed)
-    ctx.mark_non_differentiable(output[1])
+class _NF4LoRALinear(torch.autograd.Function):
+    """Autograd around the two custom ops, as for the cross-entropy ops. (torch.library.register_autograd
+    would run torch's fill_defaults on every forward, which rebuilds the op's 16-entry argument list 32
+    times: ~100 us of host time per call, measured; a QLoRA step makes hundreds of calls.)"""
 
+    @staticmethod
+    def forward(ctx, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features,
+                blocksize, nested_blocksize, scaling, dropout_p, backend):
+        y, xa = torch.ops.qlora_kernels.nf4_lora_linear_fwd(
+            x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
+            nested_blocksize, scaling, dropout_p, backend)
+        need = ctx.needs_input_grad
+        ctx.need = (need[0], need[6], need[7], bias is not None and need[8])
+        ctx.consts = (blocksize, nested_blocksize, scaling, dropout_p, backend)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x2d if ctx.need[1] else None, packed, scales, absmax2, code2, offset, lora_A,
+                              lora_B, xa, seed)
+        return y
 
-def _backward(ctx, dy, _dxa):
-    x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    blocksize, nested, scaling, p, backend = ctx.consts
-    need_dx, need_dA, need_dB, need_dbias = ctx.need
-    dx, dA, dB, dbias = torch.ops.qlora_kernels.nf4_lora_linear_bwd(
-        dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested, scaling, p,
-        backend, need_dx, need_dA, need_dB, need_dbias)
-    return (dx if need_dx else None, None, None, None, None, None, dA if need_dA else None,
-            dB if need_dB else None, dbias.to(ctx.bias_dtype) if need_dbias else None,
-            None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("qlora_kernels::nf4_lora_linear_fwd", _backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        blocksize, nested, scaling, p, backend = ctx.consts
+        need_dx, need_dA, need_dB, need_dbias = ctx.need
+        dx, dA, dB, dbias = torch.ops.qlora_kernels.nf4_lora_linear_bwd(
+            dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested, scaling,
+            p, backend, need_dx, need_dA, need_dB, need_dbias)
+        return (dx if need_dx else None, None, None, None, None, None, dA if need_dA else None,
+                dB if need_dB else None, dbias.to(ctx.bias_dtype) if need_dbias else None,
+                None, None, None, None, None, None, None)
