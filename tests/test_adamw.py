@@ -271,6 +271,27 @@ def test_cpp_path_equals_triton_path():
 
 
 @pytest.mark.cuda
+def test_cuda_step_never_waits_for_the_device():
+    """Clip + guard + step without a host sync: in the steady state and when new grad tensors make the
+    optimizer rebuild its pointer tables (uploaded from pinned memory, not by a syncing pageable copy)."""
+    params = _params("cuda")
+    opt = FusedAdamW(params, lr=1e-2, max_grad_norm=0.5)
+    _set_grads(0, params, none_every=0)
+    opt.step()                                       # compile and first tables outside the check
+    torch.cuda.synchronize()
+    kept = [p.grad for p in params]                  # held, so the new grads get new addresses
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kept and opt.last_grad_norm.is_cuda and int(opt.skipped_steps) == 0
+
+
+@pytest.mark.cuda
 def test_mixed_devices_per_device():
     cpu_p, cuda_p = _params("cpu", shapes=SHAPES[:2]), _params("cuda", shapes=SHAPES[2:])
     mixed = cpu_p + cuda_p

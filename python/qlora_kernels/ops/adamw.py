@@ -20,6 +20,15 @@ def block_size(numels=(), norm=False) -> int:
     return kernels.NORM_BLOCK if norm else kernels.UPDATE_BLOCK
 
 
+def _upload(table, device):
+    """A host-built table on `device` without a host sync: from pinned memory by a non-blocking copy. (A
+    pageable copy to the GPU waits for the work queued before it: the whole backward, when the param or grad
+    addresses changed and the tables are rebuilt.)"""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _chunk_table(numels, block, device):
     """int32 (2 * C): (tensor index, chunk index) of every BLOCK-sized chunk of every tensor."""
     counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
@@ -27,7 +36,7 @@ def _chunk_table(numels, block, device):
     starts = torch.cumsum(counts, 0) - counts
     chunk_idx = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
     table = torch.stack([tensor_idx, chunk_idx], dim=1).to(torch.int32).flatten()
-    return table.to(device), int(counts.sum())
+    return _upload(table, device), int(counts.sum())
 
 
 class UpdateTable:
@@ -40,7 +49,7 @@ class UpdateTable:
         rows = [[t.data_ptr() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, vmax, steps)]
         rows.append([p.numel() for p in params])
         rows.append([DTYPE_CODES[p.dtype] for p in params])
-        self.meta = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.meta = _upload(torch.tensor(rows, dtype=torch.int64), device)
         self.n_tensors = len(params)
         self.chunks, self.n_programs = _chunk_table(rows[kernels.NUMEL.value], self.block, device)
 
@@ -52,10 +61,10 @@ class PrologueTable:
         numels = [g.numel() for g in grads]
         self.block = block_size(numels, norm=True)
         rows = [[g.data_ptr() for g in grads], numels, [DTYPE_CODES[g.dtype] for g in grads]]
-        self.meta = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.meta = _upload(torch.tensor(rows, dtype=torch.int64), device)
         self.n_tensors = len(grads)
         self.chunks, self.n_programs = _chunk_table(numels, self.block, device)
-        self.step_addrs = torch.tensor([s.data_ptr() for s in steps], dtype=torch.int64).to(device)
+        self.step_addrs = _upload(torch.tensor([s.data_ptr() for s in steps], dtype=torch.int64), device)
         self.n_steps = len(steps)
         self.partials = torch.empty(2 * max(1, self.n_programs), dtype=torch.float32, device=device)
         self.ticket = torch.zeros((), dtype=torch.int32, device=device)
