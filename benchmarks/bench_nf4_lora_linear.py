@@ -147,10 +147,12 @@ def main():
                                 "bare base GEMM on a dense bf16 weight (fwd+bwd: y and dx only): the ceiling. "
                                 "Dropout 0.1 on the LoRA branch for every provider but cublas_bf16. frac_ceiling: "
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
-                                "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph (kernel time, "
-                                "no Python or launch cost; its ours_speedup is against the end-to-end ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
-                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): the extension's "
-                                "CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails, and loses its row, without a CUDA build).")
+                                "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph "
+                                "(kernel time, no Python or launch cost; its ours_speedup is against the end-to-end "
+                                "ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
+                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): "
+                                "the extension's CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails, and loses its row, "
+                                "without a CUDA build).")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ void nf4_lora_gemv_cuda_binding(const torch::Tensor& x, const torch::Tensor& pac
   TORCH_CHECK(xa.scalar_type() == x.scalar_type() && lora_B.scalar_type() == x.scalar_type() &&
                   y.scalar_type() == x.scalar_type(), "x, xa, lora_B and y must share a dtype");
   TORCH_CHECK(code.scalar_type() == torch::kFloat32 && code.numel() == 16, "code must be the 16 fp32 NF4 values");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
-              "x and packed must be 16-byte aligned");
+  const auto aligned = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  TORCH_CHECK(aligned(x) && aligned(packed), "x and packed must be 16-byte aligned");
   const bool nested = absmax2.has_value();
   TORCH_CHECK(nested == (scales.scalar_type() == torch::kUInt8), "scales must be uint8 exactly when nested");
   TORCH_CHECK(!nested || (code2.has_value() && offset.has_value() && power_of_two(nested_blocksize)),

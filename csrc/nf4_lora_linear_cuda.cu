@@ -122,7 +122,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t n = row0 + i;
     float v = 0.0f;
     if (n < n_out) {
-      for (int64_t j = lane; j < r; j += 32) v = fmaf(to_float(xa[j]), to_float(lora_b[n * stride_bn + j * stride_br]), v);
+      for (int64_t j = lane; j < r; j += 32) {
+        v = fmaf(to_float(xa[j]), to_float(lora_b[n * stride_bn + j * stride_br]), v);
+      }
     }
     v = warp_sum(v);
     if (lane == 0) lora[i] = v;

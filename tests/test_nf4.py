@@ -165,7 +165,8 @@ def test_bad_blocksize_names_allowed_ones():
         qk.quantize_nf4(torch.ones(4, 4), backend="fast")
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or _backend.interpreting()), reason="Triton needs CUDA or the interpreter")
+@pytest.mark.skipif(not (torch.cuda.is_available() or _backend.interpreting()),
+                    reason="Triton needs CUDA or the interpreter")
 def test_block_scales_kernel_is_the_reference_bit_for_bit(device):
     """The double-quant scales the fused GEMMs read (one Triton kernel, no fma) equal the reference's two
     roundings bit for bit, over several nested blocks and a partial last one; plain scales pass through."""

@@ -214,10 +214,12 @@ def _lm_loss_forward(self, *args, **kwargs):
     head = self.get_output_embeddings()
     weight, bias = head.weight, head.bias
     hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(weight.device), bias=bias,
-                                      ignore_index=ignore_index, reduction="mean" if num_items is None else "sum")
+    # non_blocking: labels or a count left on the CPU must not make the host wait for the forward
+    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(weight.device, non_blocking=True),
+                                      bias=bias, ignore_index=ignore_index,
+                                      reduction="mean" if num_items is None else "sum")
     if num_items is not None:
-        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        loss = loss / (num_items.to(loss.device, non_blocking=True) if torch.is_tensor(num_items) else num_items)
     out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))

@@ -120,8 +120,8 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
                                            BLOCK_V=BLOCK_V, num_warps=warps, **common)
     rows = kernels.CE_COMBINE_ROWS
     kernels.ce_combine_kernel[(_backend.cdiv(N, rows),)](labels, part, loss, lse, N, V, ignore_index, smoothing,
-                                                       z_loss, NCHUNK=NCHUNK, NCHUNK_P2=_backend.next_power_of_2(NCHUNK),
-                                                       BLOCK_R=rows)
+                                                         z_loss, NCHUNK=NCHUNK,
+                                                         NCHUNK_P2=_backend.next_power_of_2(NCHUNK), BLOCK_R=rows)
     if grad is not None:
         _grad_launch(x, labels, lse, grad, count, gscale, ignore_index=ignore_index, smoothing=smoothing,
                      z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=write_ignored, block_v=BLOCK_V)
