@@ -396,11 +396,13 @@ class _CountOnHost:
         self.value, self.event = None, None
         if not count.is_cuda:
             self.value = int(count)
-        elif not torch.cuda.is_current_stream_capturing():
-            self.host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
-            self.host.copy_(count, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
+            return
+        with torch.cuda.device(count.device):   # the copy, the event and the capture check on one stream
+            if not torch.cuda.is_current_stream_capturing():
+                self.host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
+                self.host.copy_(count, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
 
     def past(self, s):
         if self.value is None and self.event is not None and self.event.query():
