@@ -185,11 +185,14 @@ def test_cuda_decode_kernel(dtype, shape, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("lookup", ops.LOOKUPS)
-def test_cuda_graph_replay(lookup, monkeypatch):
+@pytest.mark.parametrize("lookup,decode", [(lookup, "triton") for lookup in ops.LOOKUPS] + [("select", "cuda")])
+def test_cuda_graph_replay(lookup, decode, monkeypatch):
     """Forward and backward (training tiles) and the decode forward, captured once and replayed on new x:
     the decode loop of a generation under CUDA graphs (and the benchmark's [graph] rows) depend on it."""
+    if decode == "cuda" and not CUDA_EXT:
+        pytest.skip("the CUDA decode kernel needs the extension built with CUDA")
     monkeypatch.setenv("QLORA_KERNELS_NF4_LOOKUP", lookup)
+    monkeypatch.setenv("QLORA_KERNELS_DECODE", decode)
     for M in (300, 1):
         qw, x, A, B, b = _make(M, 256, 512, 16, 64, True, torch.bfloat16, "cuda", bias=True)
         x.requires_grad_()
