@@ -57,17 +57,10 @@ def time_ms(fn, reps: int = 20) -> float:
 
 def graph_ms(fn) -> float:
     """Median milliseconds of fn() replayed from a CUDA graph: the GPU time of its kernels without the Python
-    and launch costs, which dominate a decode-sized call end to end. Warmed on a side stream first (autotune,
-    allocations), as torch.cuda.graph requires; raises if fn cannot be captured (e.g. a host sync)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    and launch costs, which dominate a decode-sized call end to end; raises if fn cannot be captured."""
+    from qlora_kernels.testing import capture_cuda_graph
+
+    graph, _ = capture_cuda_graph(fn, warmup=3)
     return time_ms(graph.replay)
 
 

@@ -19,7 +19,8 @@ void nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float*
 
 // Decode (one token) of nf4_lora_linear: y (n_out,) = dequant(W) x + lora_b xa + bias, with x (k,), xa (r,),
 // lora_b (n_out, r) at the given strides and y all in dtype, bias fp32 or null; scales as for dequantize;
-// code the 16 fp32 NF4 values. k % 32 == 0, k % blocksize == 0, blocksize % 32 == 0; x, packed 16-byte aligned.
+// code the 16 fp32 NF4 values. k % 32 == 0, k % blocksize == 0, blocksize and nested_blocksize powers of
+// two, blocksize >= 32; x, packed 16-byte aligned.
 void nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales, const float* absmax2,
                         const float* code2, const float* offset, const float* code, const void* xa,
                         const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,

@@ -17,14 +17,19 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// A double-quant block scale from its parts: two roundings, no FMA, as bitsandbytes dequantizes the nested
+// absmax (code2[q] * absmax2) and then adds the offset.
+__device__ __forceinline__ float nested_absmax(float code2_q, float absmax2, float offset) {
+  return __fadd_rn(__fmul_rn(code2_q, absmax2), offset);
+}
+
 // The fp32 scale of NF4 block `block`: absmax, or with double quant code2[q] * absmax2[block / nested] + offset.
 template <bool kDoubleQuant>
 __device__ __forceinline__ float block_scale(const void* scales, const float* absmax2, const float* code2,
                                              const float* offset, int64_t block, int64_t nested_blocksize) {
   if (kDoubleQuant) {
     const uint8_t q = static_cast<const uint8_t*>(scales)[block];
-    // two roundings, no FMA: bitsandbytes dequantizes the nested absmax, then adds the offset
-    return __fadd_rn(__fmul_rn(code2[q], absmax2[block / nested_blocksize]), *offset);
+    return nested_absmax(code2[q], absmax2[block / nested_blocksize], *offset);
   }
   return static_cast<const float*>(scales)[block];
 }

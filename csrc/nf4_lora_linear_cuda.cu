@@ -94,9 +94,9 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int row = min(i, last);     // re-read the last one (no branch), their sums are never stored
       w[i] = *reinterpret_cast<const uint4*>(bytes + row * row_bytes);
       const int64_t b = block + row * row_blocks;
-      if (kDoubleQuant) {  // bitsandbytes' nested absmax: two roundings, no FMA
-        const uint8_t q = static_cast<const uint8_t*>(scales)[b];
-        s[i] = __fadd_rn(__fmul_rn(code2[q], absmax2[b >> log2_nested]), nested_offset);
+      if (kDoubleQuant) {  // block_scale's formula, with a shift and the offset held in a register
+        s[i] = nested_absmax(code2[static_cast<const uint8_t*>(scales)[b]], absmax2[b >> log2_nested],
+                             nested_offset);
       } else {
         s[i] = static_cast<const float*>(scales)[b];
       }

@@ -115,7 +115,8 @@ def nf4_byte_values(b, PRMT: tl.constexpr):
 @triton.jit
 def nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
                     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """fp32 scale of each `block` index: absmax, or code2[q] * absmax2[b // nested] + offset."""
+    """fp32 scale of each `block` index: absmax, or code2[q] * absmax2[b // nested] + offset (kernels using
+    it launch with _backend.no_fp_fusion(): the product rounds before the add, as bitsandbytes)."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scaled = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)

@@ -39,22 +39,29 @@ def assert_close(actual, expected, *, atol, rtol, msg=""):
             f"expected {e[index].item()!r} (|diff| {err[index].item():.3g}, atol {atol}, rtol {rtol})")
 
 
-def check_cuda_graph(step, inputs, fresh, *, atol, rtol):
-    """Capture step() (it returns the tensors to check, e.g. outputs and .grad) in a CUDA graph, copy each
-    of `fresh` into the captured tensor of `inputs`, replay, and compare with a plain call of step() on those
-    inputs. A host sync, a pageable copy or a value read on the host while capturing raises; a device-side
-    value baked in at capture time (a label count, a seed) shows up as a mismatch after the copy."""
+def capture_cuda_graph(fn, warmup=2):
+    """(graph, what fn returned while captured): fn runs `warmup` times on a side stream first (autotune,
+    compilation, allocations), as torch.cuda.graph requires; a host sync while capturing raises."""
     import torch
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):   # autotune, compile and allocate outside the capture
-            step()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = step()
+        captured = fn()
+    return graph, captured
+
+
+def check_cuda_graph(step, inputs, fresh, *, atol, rtol):
+    """Capture step() (it returns the tensors to check, e.g. outputs and .grad) in a CUDA graph, copy each
+    of `fresh` into the captured tensor of `inputs`, replay, and compare with a plain call of step() on those
+    inputs. A host sync, a pageable copy or a value read on the host while capturing raises; a device-side
+    value baked in at capture time (a label count, a seed) shows up as a mismatch after the copy."""
+    graph, captured = capture_cuda_graph(step)
     for dst, src in zip(inputs, fresh):
         dst.detach().copy_(src)
     graph.replay()

@@ -103,8 +103,6 @@ def launch_update(table, stats, *, lr, beta1, beta2, eps, weight_decay, amsgrad,
         **_backend.no_fp_fusion())   # torch rounds p * f32(1 - lr wd) before the add
 
 
-
-
 def cpu_grad_stats(grads):
     """fp64 [sum of squares, non-finite count] of CPU grads: the extension, else the reference."""
     native = _backend.native()

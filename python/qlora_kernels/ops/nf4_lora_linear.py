@@ -152,8 +152,8 @@ def _launch(name, interpret_config, grid_fn, args, constexprs):
 
 def _flags(x, blocksize):
     interp = _backend.interpreting()
-    # the kernels get fp32 block scales (double quant decoded on the host: nblocks * 4 bytes, 1/32 of a bf16
-    # weight copy); per-row gathers of the nested code in the K-loop cost more than they save
+    # the kernels get fp32 block scales (double quant decoded once per call by nf4_block_scales_kernel: nblocks *
+    # 4 bytes, 1/32 of a bf16 weight copy); per-row gathers of the nested code in the K-loop cost more than they save
     return dict(BLOCKSIZE=blocksize, COMPUTE_F32=interp or x.dtype == torch.float32,
                 OUT_BF16_BITS=interp and x.dtype == torch.bfloat16, PRMT=prmt_lookup(x))
 
@@ -193,7 +193,6 @@ def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y
     x1 = x2d.contiguous()
     if x1.data_ptr() % 16:   # a view at an odd offset: the kernel reads x in 16-byte vectors
         x1 = x1.clone()
-    packed = packed if packed.data_ptr() % 16 == 0 else packed.clone()
     _backend.native().nf4_lora_gemv_cuda(x1, packed, scales, absmax2, code2, offset, _code_table(x1.device), xa,
                                          B, None if bias is None else bias.float().contiguous(), y, blocksize, nested,
                                          _cuda_stream(x1.device))
@@ -209,7 +208,8 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     flags = _flags(x2d, blocksize)
     lora_dt = torch.float32 if flags["COMPUTE_F32"] else x2d.dtype
     A, B = A.to(lora_dt), B.to(lora_dt)       # tiny; the kernels then read tensor-core operands directly
-    decode = cuda_decode(x2d, blocksize, nested if absmax2 is not None else None)
+    # the kernel reads the weight in 16-byte vectors: storage at an odd offset keeps the Triton tile
+    decode = cuda_decode(x2d, blocksize, nested if absmax2 is not None else None) and packed.data_ptr() % 16 == 0
     absmax = None if decode else block_scales(scales, absmax2, code2, offset, nested)
     interp = _backend.interpreting()
     br = min(_r_block(r), 256)
