@@ -92,6 +92,8 @@ def _ce_providers(N, V, frac, dev, dtype, compiled):
 
     scratch = logits.detach().clone().requires_grad_()
     out = [("ours", ours), ("ours-inplace", ours_inplace), ("torch-eager", eager)]
+    if dev == "cuda":   # the extension's CUDA kernel: one row per thread-block cluster, logits read once
+        out.insert(2, ("ours[cluster]", _with_env({"QLORA_KERNELS_CE_MODE": "cluster"}, ours)))
     if compiled is not None:
         out.append(("torch-compile", compiled_fn))
     if LigerCE is not None:
@@ -166,6 +168,7 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 # one program per row for the chunk's cross-entropy: 1 launch per chunk instead of 3, and a grid
                 # of chunk rows rather than rows x column chunks (dead chunks past the labelled count are cheaper)
                 providers.append(("ours[row ce]", _with_env({"QLORA_KERNELS_CE_MODE": "row"}, ours)))
+                providers.append(("ours[cluster ce]", _with_env({"QLORA_KERNELS_CE_MODE": "cluster"}, ours)))
                 g = torch.randn(N, V, device=dev, dtype=dtype) if N * V * 2 < 12e9 else None
                 if g is not None and frac == 1.0:
                     providers.append(("cublas-2gemm", lambda: (h @ w.t(), g @ w)))

@@ -1,7 +1,7 @@
 // The one Python binding of qlora_kernels._C: CPU kernels always, CUDA launchers when built WITH_CUDA.
 #include <torch/extension.h>
 
-#include "nf4_cuda.h"
+#include "cuda_launchers.h"
 
 namespace qlora_kernels {
 
@@ -98,6 +98,41 @@ void nf4_lora_gemv_cuda_binding(const torch::Tensor& x, const torch::Tensor& pac
                      nested_blocksize, reinterpret_cast<void*>(stream));
 }
 
+// Cross-entropy rows of logits (N, V) (rows at any stride, columns contiguous): loss, lse (N,) fp32 and, when
+// grad (N, V) is given (it may be logits itself), the gradient of the summed loss, / max(count, 1) when mean.
+void cross_entropy_cluster_cuda_binding(const torch::Tensor& logits, const std::optional<torch::Tensor>& grad,
+                                        const torch::Tensor& labels, torch::Tensor& loss, torch::Tensor& lse,
+                                        const torch::Tensor& count, int64_t ignore_index, double smoothing,
+                                        double z_loss, double softcap, bool mean, bool write_ignored, int64_t stream) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1, "logits must be (N, V) on CUDA with "
+              "contiguous columns");
+  const int64_t n = logits.size(0), V = logits.size(1), pack = 16 / logits.element_size();
+  const auto aligned = [&](const torch::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.size(0) < 2 || t.stride(0) % pack == 0);
+  };
+  TORCH_CHECK(V > 0 && V % pack == 0 && V / pack <= kCrossEntropyMaxVectors && aligned(logits), "logits: V must be a "
+              "multiple of ", pack, " and at most ", kCrossEntropyMaxVectors * pack, ", rows 16-byte aligned");
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->is_cuda() && grad->sizes() == logits.sizes() && grad->stride(1) == 1 &&
+                    grad->scalar_type() == logits.scalar_type() && aligned(*grad),
+                "grad must be like logits, rows 16-byte aligned");
+  }
+  check_cuda(labels, "labels");
+  check_cuda(loss, "loss");
+  check_cuda(lse, "lse");
+  check_cuda(count, "count");
+  TORCH_CHECK(labels.scalar_type() == torch::kInt64 && labels.numel() == n, "labels must be int64 (N,)");
+  TORCH_CHECK(loss.scalar_type() == torch::kFloat32 && loss.numel() == n && lse.scalar_type() == torch::kFloat32 &&
+                  lse.numel() == n, "loss and lse must be fp32 (N,)");
+  TORCH_CHECK(count.scalar_type() == torch::kInt32 && count.numel() == 1, "count must be one int32");
+  const char* err = cross_entropy_cluster_cuda(
+      logits.data_ptr(), grad.has_value() ? grad->data_ptr() : nullptr, float_type(logits), labels.data_ptr<int64_t>(),
+      loss.data_ptr<float>(), lse.data_ptr<float>(), count.data_ptr<int32_t>(), n, V, logits.stride(0),
+      grad.has_value() ? grad->stride(0) : 0, ignore_index, static_cast<float>(smoothing), static_cast<float>(z_loss),
+      static_cast<float>(softcap), mean, write_ignored, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "cross_entropy_cluster_cuda: launch failed: ", err);
+}
+
 }  // namespace
 #endif
 
@@ -113,6 +148,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_quantize_cuda", &qlora_kernels::nf4_quantize_cuda_binding, "NF4 quantize (CUDA)");
   m.def("nf4_dequantize_cuda", &qlora_kernels::nf4_dequantize_cuda_binding, "NF4 dequantize (CUDA)");
   m.def("nf4_lora_gemv_cuda", &qlora_kernels::nf4_lora_gemv_cuda_binding, "NF4 + LoRA linear, one token (CUDA)");
+  m.def("cross_entropy_cluster_cuda", &qlora_kernels::cross_entropy_cluster_cuda_binding,
+        "cross-entropy, one row per thread-block cluster (CUDA, sm_90+)");
 #endif
   m.attr("with_cuda") =
 #ifdef WITH_CUDA

@@ -4,8 +4,8 @@
 #include <cuda_runtime.h>
 
 #include "nf4_codes.h"
-#include "nf4_cuda.h"
-#include "nf4_device.cuh"
+#include "cuda_launchers.h"
+#include "device_helpers.cuh"
 
 namespace qlora_kernels {
 namespace {

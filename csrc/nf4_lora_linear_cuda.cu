@@ -8,8 +8,8 @@
 // weight: W x = sum over blocks of absmax * sum(code[q] * x). About 5 instructions per weight.
 #include <cuda_runtime.h>
 
-#include "nf4_cuda.h"
-#include "nf4_device.cuh"
+#include "cuda_launchers.h"
+#include "device_helpers.cuh"
 
 namespace qlora_kernels {
 namespace {

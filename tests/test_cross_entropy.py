@@ -442,6 +442,59 @@ def test_cuda_graph_replay(gemm, monkeypatch):
     check_cuda_graph(step, [logits, labels, h, hl], fresh, atol=1e-6, rtol=1e-5)
 
 
+CLUSTER_OK = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+              and hasattr(_backend.native(), "cross_entropy_cluster_cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CLUSTER_OK, reason="the cluster kernel needs sm_90+ and the extension built with CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cluster_kernel_cuda(dtype, monkeypatch):
+    """QLORA_KERNELS_CE_MODE=cluster (csrc/cross_entropy_cuda.cu) against the fp32 reference: 1 to 8 CTAs
+    per row at 4 / 8 / 16 vectors per thread (V up to 262144), every option, in place, the linear variant's
+    chunks, no host sync, and a CUDA graph replayed with another labelled count."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", "cluster")
+    for V in (4096, 32000, 128256, 262144 if dtype != torch.float32 else 131072):
+        logits = (torch.randn(8, V, device="cuda") * 3).to(dtype)
+        assert ops.cluster_ce(logits, logits)
+        for opts in OPTIONS:
+            _check_ce(logits, _labels(8, V, 0.5, opts.get("ignore_index", -100), device="cuda"), "triton", **opts)
+    logits = (torch.randn(8, 1000, device="cuda") * 3).to(dtype)
+    _check_ce(logits, _labels(8, 1000, 0.0, device="cuda"), "triton")        # every row ignored
+    assert not ops.cluster_ce(logits[:, :999], None)                          # V not a multiple of a vector
+    x = logits.clone().requires_grad_()
+    fused_cross_entropy(x, _labels(8, 1000, 0.5, device="cuda"), inplace_backward=True).backward()
+    _check_linear(300, 128, 32000, 0.5, torch.bfloat16, "triton", "cuda", frozen=True, chunk_bytes=64 * 32000 * 2)
+    labels = _labels(64, 32000, 0.5, device="cuda")
+    x = (torch.randn(64, 32000, device="cuda") * 3).to(dtype).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_cross_entropy(x, labels, label_smoothing=0.1).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def step():
+        x.grad = None
+        loss = fused_cross_entropy(x, labels, z_loss=1e-4)
+        loss.backward()
+        return loss, x.grad
+
+    check_cuda_graph(step, [x, labels], [torch.randn_like(x) * 3, _labels(64, 32000, 0.2, device="cuda")],
+                     atol=1e-6, rtol=1e-5)
+
+
+def test_ce_mode_setting_is_checked(monkeypatch, device):
+    x = torch.randn(4, 64, device=device)
+    assert not ops.cluster_ce(x, x)                          # default mode: split
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", "cluster")
+    if device == "cpu":
+        assert not ops.cluster_ce(x, x)                      # CPU tensors never take the CUDA kernel
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", "fast")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_CE_MODE"):
+        ops.cluster_ce(x, x)
+
+
 # ------------------------------------------------------------------------------------------ compile
 def _ce_cases():
     sig_common = {"n_rows": "i32", "V": "i32", "stride_row": "i64", "ignore_index": "i64", "softcap": "fp32"}

@@ -230,6 +230,35 @@ def test_cuda_bindings_compile_without_a_gpu():
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow   # nvcc, two targets per source (~30 s on 2 cores): CI runs it
+def test_cuda_sources_compile_without_spills():
+    """Every csrc/*.cu as the CUDA build compiles it (sm_80 and sm_90, no GPU needed): no error, and no
+    kernel instantiation spills registers to local memory (ptxas -v)."""
+    import glob
+    import os
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = sorted(glob.glob(os.path.join(root, "csrc", "*.cu")))
+    assert sources
+    with tempfile.TemporaryDirectory() as out:
+        for source in sources:
+            for arch in (80, 90):
+                proc = subprocess.run([nvcc, "-c", "-O3", "-std=c++17", f"-I{root}/csrc", "-Xptxas", "-v",
+                                       "-gencode", f"arch=compute_{arch},code=sm_{arch}", source, "-o",
+                                       os.path.join(out, "k.o")], capture_output=True, text=True)
+                name = f"{os.path.basename(source)} sm_{arch}"
+                assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
+                spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+                assert spills and all(a == b == "0" for a, b in spills), f"{name} spills: {proc.stderr[-4000:]}"
+
+
 # --- the code lookups the fused GEMMs use (kernels/nf4.py) ---------------------------------------------------
 
 def test_kernel_code_table_is_the_format():

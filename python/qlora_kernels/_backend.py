@@ -76,6 +76,11 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None) -> str:
     return backend
 
 
+def cuda_stream(device) -> int:
+    """The current stream of a CUDA device as the handle the extension's launchers take."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def check_same_device(**tensors):
     """Raise ValueError naming each tensor's device when they are not all on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}

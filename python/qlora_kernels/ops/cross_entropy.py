@@ -70,11 +70,36 @@ def _cpu_backend(backend):
     return backend in ("cpu", "reference")
 
 
+MODES = ("split", "fused", "row", "cluster")
+CLUSTER_MAX_VECTORS = 8 * 256 * 16   # csrc/cuda_launchers.h kCrossEntropyMaxVectors: 8 CTAs x 256 threads x 16
+
+
 def _ce_mode():
-    """"split" (stats, combine, grad kernels), "fused" (one kernel, per-row barrier; GPU only) or "row"
-    (one program per row, two passes); QLORA_KERNELS_CE_MODE overrides (benchmark sweeps)."""
+    """"split" (stats, combine, grad kernels), "fused" (one kernel, per-row barrier; GPU only), "row" (one
+    program per row, two passes) or "cluster" (the extension's CUDA kernel, one row per thread-block
+    cluster, logits read once; sm_90+); QLORA_KERNELS_CE_MODE overrides (benchmark sweeps). The interpreter
+    runs "split" for the GPU-only modes."""
     mode = os.environ.get("QLORA_KERNELS_CE_MODE", kernels.CE_MODE)
-    return "split" if mode == "fused" and _backend.interpreting() else mode
+    if mode not in MODES:
+        raise ValueError(f"QLORA_KERNELS_CE_MODE={mode!r}: expected one of {MODES}")
+    return "split" if mode in ("fused", "cluster") and _backend.interpreting() else mode
+
+
+def cluster_ce(x, grad):
+    """Whether the "cluster" mode's CUDA kernel (csrc/cross_entropy_cuda.cu) takes rows x (N, V), with the
+    gradient into grad (or none): CUDA tensors on sm_90+, V a multiple of one 16-byte vector (8 bf16 / fp16,
+    4 fp32) and at most CLUSTER_MAX_VECTORS of them, rows 16-byte aligned; otherwise the split path runs.
+    An error names a missing CUDA build of the extension."""
+    if _ce_mode() != "cluster" or not x.is_cuda:
+        return False
+    if not hasattr(_backend.native(), "cross_entropy_cluster_cuda"):
+        raise RuntimeError("QLORA_KERNELS_CE_MODE=cluster needs qlora_kernels._C built with CUDA (nvcc at install "
+                           "time)")
+    pack = 16 // x.element_size()
+    aligned = lambda t: (t.data_ptr() % 16 == 0 and t.stride(1) == 1  # noqa: E731
+                         and (t.shape[0] < 2 or t.stride(0) % pack == 0))
+    return (_capability_major(x.device) >= 9 and x.shape[1] % pack == 0
+            and x.shape[1] // pack <= CLUSTER_MAX_VECTORS and aligned(x) and (grad is None or aligned(grad)))
 
 
 def _block_v(V, block_v):
@@ -99,6 +124,10 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
     sc = _softcap_value(softcap)
     common = dict(HAS_SOFTCAP=softcap is not None)
     mode = _ce_mode()
+    if gscale is None and cluster_ce(x, grad):
+        _backend.native().cross_entropy_cluster_cuda(x, grad, labels, loss, lse, count, ignore_index, smoothing, z_loss,
+                                                     sc, mean, write_ignored, _backend.cuda_stream(x.device))
+        return
     if mode == "row" and gscale is None:
         rb = block_v or min(int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_ROW_BLOCK_V)),
                             _backend.next_power_of_2(V))

@@ -26,7 +26,7 @@ from qlora_kernels import _backend
 from qlora_kernels.kernels import nf4_lora_linear as kernels
 from qlora_kernels.nf4_weight import NF4Weight
 from qlora_kernels.ops.nf4 import LOOKUPS, dequantize_nf4, prmt_lookup  # noqa: F401 - LOOKUPS: tests, bench
-from qlora_kernels.ops.nf4 import _code_table, _cuda_stream, block_scales
+from qlora_kernels.ops.nf4 import _code_table, block_scales
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M = 16
@@ -195,7 +195,7 @@ def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y
         x1 = x1.clone()
     _backend.native().nf4_lora_gemv_cuda(x1, packed, scales, absmax2, code2, offset, _code_table(x1.device), xa,
                                          B, None if bias is None else bias.float().contiguous(), y, blocksize, nested,
-                                         _cuda_stream(x1.device))
+                                         _backend.cuda_stream(x1.device))
 
 
 def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):

@@ -1,4 +1,4 @@
-// Launchers of the CUDA NF4 kernels: raw pointers, sizes and a cudaStream_t passed as void*, so the
+// Launchers of the CUDA kernels: raw pointers, sizes and a cudaStream_t passed as void*, so the
 // binding can call them without CUDA headers and the .cu needs no torch headers.
 #pragma once
 #include <cstdint>
@@ -26,5 +26,18 @@ void nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales
                         const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,
                         void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
                         int64_t nested_blocksize, void* stream);
+
+// Cross-entropy of rows of logits (n_rows, V) at stride_row, one row per cluster of up to 8 CTAs (sm_90+):
+// loss and lse (n_rows,) fp32, and when grad is not null the gradient of the summed loss (times
+// 1 / max(*count, 1) when mean) into grad (may equal logits) at grad_stride_row; ignored rows get loss 0,
+// lse 0 and (write_ignored) a zero gradient. cap > 0: softcap. V and both strides multiples of a 16-byte
+// vector, pointers 16-byte aligned, V / vector <= kCrossEntropyMaxVectors. Returns null, or the launch
+// error's message (a cluster launch can be refused, e.g. under MIG).
+constexpr int64_t kCrossEntropyMaxVectors = 8 * 256 * 16;
+const char* cross_entropy_cluster_cuda(const void* logits, void* grad, FloatType dtype, const int64_t* labels,
+                                       float* loss, float* lse, const int32_t* count, int64_t n_rows, int64_t V,
+                                       int64_t stride_row, int64_t grad_stride_row, int64_t ignore_index,
+                                       float smoothing, float z_loss, float cap, bool mean, bool write_ignored,
+                                       void* stream);
 
 }  // namespace qlora_kernels
