@@ -165,7 +165,9 @@ __global__ void __launch_bounds__(kThreads, kVecs > 8 ? 1 : 3) ce_cluster_kernel
       row_lse = lse;
       if (rank == 0) {
         const bool bad = y < 0 || y >= V;   // not ignore_index, outside [0, V): NaN, never a read
-        loss[row] = bad ? NAN : lse - (1.f - smoothing) * t.z_label - smoothing / V * t.sum_z + z_loss * lse * lse;
+        // the smoothing term only when smoothing > 0: sum(z) is -inf with a masked logit, and 0 * -inf is NaN
+        const float smooth = smoothing > 0.f ? smoothing / V * t.sum_z : 0.f;
+        loss[row] = bad ? NAN : lse - (1.f - smoothing) * t.z_label - smooth + z_loss * lse * lse;
         lse_out[row] = lse;
       }
     }

@@ -55,10 +55,16 @@ def _load_z(logits_ptr, row_off, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr)
 
 
 @triton.jit
+def _finite_or_zero(m):
+    # a max that is -inf (a chunk of masked logits) as 0, so exp(z - m) gives 0 there instead of NaN
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _chunk_stats(z, cols, mask, y):
     zm = tl.where(mask, z, float("-inf"))
     m = tl.max(zm, 0)
-    s = tl.sum(tl.exp(zm - m), 0)
+    s = tl.sum(tl.exp(zm - _finite_or_zero(m)), 0)
     sz = tl.sum(tl.where(mask, z, 0.0), 0)
     zy = tl.sum(tl.where(cols == y, z, 0.0), 0)
     return m, s, sz, zy
@@ -97,7 +103,8 @@ def _row_scale(gscale_ptr, gscale_stride, count_ptr, row, HAS_GSCALE: tl.constex
 
 @triton.jit
 def _row_loss(lse, sz, zy, y, V, smoothing, z_loss):
-    loss = lse - (1.0 - smoothing) * zy - smoothing / V * sz + z_loss * lse * lse
+    # the smoothing term only when smoothing > 0: sum(z) is -inf with a masked logit, and 0 * -inf is NaN
+    loss = lse - (1.0 - smoothing) * zy - tl.where(smoothing > 0, sz, 0.0) * (smoothing / V) + z_loss * lse * lse
     bad = (y < 0) | (y >= V)  # a label outside [0, V) that is not ignore_index: NaN, never a read
     return tl.where(bad, float("nan"), loss)
 
@@ -148,8 +155,7 @@ def ce_combine_kernel(labels_ptr, part_ptr, loss_ptr, lse_ptr, n_rows, V, ignore
     s = tl.load(part_ptr + n_part + idx, mask=pmask, other=0.0)
     sz = tl.sum(tl.load(part_ptr + 2 * n_part + idx, mask=pmask, other=0.0), 1)
     zy = tl.sum(tl.load(part_ptr + 3 * n_part + idx, mask=pmask, other=0.0), 1)
-    mx = tl.max(m, 1)
-    mx = tl.where(valid, mx, 0.0)
+    mx = _finite_or_zero(tl.where(valid, tl.max(m, 1), 0.0))
     lse = mx + tl.log(tl.where(valid, tl.sum(s * tl.exp(m - mx[:, None]), 1), 1.0))
     loss = _row_loss(lse, sz, zy, y, V, smoothing, z_loss)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=rmask)
@@ -243,7 +249,7 @@ def ce_row_kernel(logits_ptr, labels_ptr, grad_ptr, loss_ptr, lse_ptr, count_ptr
             z = _load_z(logits_ptr, row_off, cols, mask, softcap, HAS_SOFTCAP)
             cm, cs, csz, czy = _chunk_stats(z, cols, mask, y32)
             new_m = tl.maximum(m, cm)
-            s = s * tl.exp(m - new_m) + cs * tl.exp(cm - new_m)
+            s = s * tl.exp(m - _finite_or_zero(new_m)) + cs * tl.exp(cm - _finite_or_zero(new_m))
             m = new_m
             sz += csz
             zy += czy

@@ -6,6 +6,7 @@ path for other CPU tensors ("cpu" / "reference"). The CUDA path never synchroniz
 number of counted tokens stays a device tensor that the kernels read.
 """
 import functools
+import math
 import os
 
 import torch
@@ -28,10 +29,10 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not 0.0 <= float(z_loss) < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < math.inf:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
 def _check_labels(labels, lead_shape, V, ignore_index, name="logits"):
@@ -58,8 +59,8 @@ def _check_logits(logits, labels, ignore_index):
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (N, V) or (B, T, V) with V > 0, got shape {tuple(logits.shape)}")
-    _backend.check_same_device(logits=logits, labels=labels)
     _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    _backend.check_same_device(logits=logits, labels=labels)
 
 
 def _softcap_value(softcap):
@@ -175,7 +176,7 @@ def _scale_(x, g, backend):
     if x.numel() == 0:
         return
     if _cpu_backend(backend):
-        x.mul_(g.to(x.dtype) if x.dtype != torch.float32 else g)
+        x.mul_(g)   # g stays fp32: a loss scale of 65536 cast to fp16 first would be inf
         return
     kernels.scale_kernel[(_backend.cdiv(x.numel(), kernels.SCALE_BLOCK),)](x, g, x.numel(),
                                                                          BLOCK=kernels.SCALE_BLOCK, num_warps=8)
@@ -314,20 +315,42 @@ def _(x, g, backend):
     return None
 
 
+def _count_in_kernel(mean, dtype):
+    """Whether the gradient computed in the forward pass is divided by the token count there (mean). Not in
+    fp16: softmax / count drops below fp16's smallest subnormal for most of a large vocabulary at a few
+    thousand tokens, before a loss scale could lift it. Its gradient is stored as the sum's and divided by
+    the count with grad_out in backward, in fp32 (F.cross_entropy's fp16 gradient is scaled before rounding)."""
+    return mean and dtype != torch.float16
+
+
+def _backward_scale(ctx, grad_out):
+    """The factor backward applies to the gradient held since the forward pass (grad_out, / count when the
+    kernel did not divide), once: the held gradient is scaled in place."""
+    if ctx.backward_done:
+        raise RuntimeError("this loss's backward ran already: its gradient is computed in the forward pass and "
+                           "scaled in place once; recompute the loss to differentiate it again")
+    ctx.backward_done = True
+    return grad_out if ctx.count is None else grad_out / ctx.count
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
                 backend, block_v):
         opts = (ignore_index, float(label_smoothing), float(z_loss), _softcap_value(softcap))
         mean = reduction == "mean"
+        count = (labels != ignore_index).sum().clamp(min=1)
+        kernel_mean = _count_in_kernel(mean, logits.dtype)
+        ctx.count = count if mean and not kernel_mean else None
+        ctx.backward_done = False
         ctx.fused = ctx.needs_input_grad[0] and reduction != "none"
         if ctx.fused and inplace_backward:
-            loss_rows, lse = torch.ops.qlora_kernels.cross_entropy_forward_inplace(logits, labels, *opts, mean,
-                                                                                   backend, block_v)
+            loss_rows, lse = torch.ops.qlora_kernels.cross_entropy_forward_inplace(logits, labels, *opts,
+                                                                                   kernel_mean, backend, block_v)
             ctx.save_for_backward(logits)
         elif ctx.fused:
-            loss_rows, lse, grad = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, mean, True,
-                                                                                 backend, block_v)
+            loss_rows, lse, grad = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, kernel_mean,
+                                                                                 True, backend, block_v)
             ctx.save_for_backward(grad)
         else:
             loss_rows, lse, _ = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, mean, False,
@@ -337,14 +360,15 @@ class _CrossEntropy(torch.autograd.Function):
         if reduction == "none":
             return loss_rows
         total = loss_rows.sum()
-        return total / (labels != ignore_index).sum().clamp(min=1) if mean else total
+        return total / count if mean else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         if ctx.fused:
+            scale = _backward_scale(ctx, grad_out)
             (grad,) = ctx.saved_tensors
-            torch.ops.qlora_kernels.scale_(grad, grad_out, ctx.backend)
+            torch.ops.qlora_kernels.scale_(grad, scale, ctx.backend)
         else:
             logits, labels, lse = ctx.saved_tensors
             grad = torch.ops.qlora_kernels.cross_entropy_backward(logits, labels, lse, grad_out.float().contiguous(),
@@ -362,8 +386,10 @@ def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
 
     For 'mean'/'sum' with grad, the gradient is computed in the forward pass (logits read once) and held
     until backward, which scales it by the incoming gradient on the device (no-op when it is 1); that
-    backward can run once per forward. `inplace_backward=True` writes it over `logits` (saves their
-    size in memory; the caller's logits are then destroyed). 'none' recomputes in backward.
+    backward can run once per forward (a second raises). fp16 logits hold it undivided by the token count
+    until then, so that a loss scale applies before the fp16 rounding. `inplace_backward=True` writes it
+    over `logits` (contiguous ones: saves their size in memory; the caller's logits are then destroyed).
+    'none' recomputes in backward.
     `backend` forces "triton" / "cpu" / "reference"; `block_v` overrides the columns per program (tests).
     """
     _check_logits(logits, labels, ignore_index)
@@ -371,10 +397,13 @@ def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
     backend = _backend.resolve_backend(logits, backend)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
+    if inplace_backward and not x.is_contiguous():   # e.g. a slice of a padded vocabulary
+        raise ValueError(f"inplace_backward=True needs contiguous logits, got shape {tuple(logits.shape)} with "
+                         f"strides {tuple(logits.stride())}")
     if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < V):
-        if inplace_backward:
-            raise ValueError("inplace_backward=True needs logits whose rows are contiguous")
         x = x.contiguous()
+    if not torch.is_grad_enabled():   # no backward can follow: no gradient work, never an in-place write
+        x = x.detach()
     y = labels.reshape(-1).to(torch.int64).contiguous()
     out = _CrossEntropy.apply(x, y, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
                               backend, block_v)
@@ -577,21 +606,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         mean = reduction == "mean"
+        count = (labels != ignore_index).sum().clamp(min=1)
+        kernel_mean = _count_in_kernel(mean, hidden.dtype)
+        ctx.count = count if mean and not kernel_mean else None
+        ctx.backward_done = False
         opts = (ignore_index, float(label_smoothing), float(z_loss), _softcap_value(softcap))
         ctx.none = reduction == "none"
         ctx.flags = (need_h, need_w, need_b)
         ctx.args = (opts, chunk_bytes, backend)
         grads = need_h or need_w or need_b
         loss, gh, gw, gb = torch.ops.qlora_kernels.linear_cross_entropy(
-            hidden, weight, bias, labels, None, *opts, mean, need_h and not ctx.none, need_w and not ctx.none,
-            need_b and not ctx.none, chunk_bytes, backend)
+            hidden, weight, bias, labels, None, *opts, kernel_mean, need_h and not ctx.none,
+            need_w and not ctx.none, need_b and not ctx.none, chunk_bytes, backend)
         if ctx.none:   # per-row gradient scales are known only in backward: recompute there
             ctx.save_for_backward(hidden, weight, bias, labels)
             return loss
         if grads:
             ctx.save_for_backward(gh, gw, gb)
         total = loss.sum()
-        return total / (labels != ignore_index).sum().clamp(min=1) if mean else total
+        return total / count if mean else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -604,10 +637,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hidden, weight, bias, labels, grad_out.contiguous(), *opts, False, need_h, need_w, need_b,
                 chunk_bytes, backend)
         else:
+            scale = _backward_scale(ctx, grad_out)
             gh, gw, gb = ctx.saved_tensors
             for t, need in ((gh, need_h), (gw, need_w), (gb, need_b)):
                 if need:
-                    torch.ops.qlora_kernels.scale_(t, grad_out, ctx.args[2])
+                    torch.ops.qlora_kernels.scale_(t, scale, ctx.args[2])
         return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
                 None, None, None, None, None, None, None, None)
 
@@ -637,12 +671,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
                          f"{bias.dtype}")
     if int(chunk_bytes) <= 0:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-    _backend.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, name="hidden")
+    _backend.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     backend = _backend.resolve_backend(hidden, backend)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
+    if not torch.is_grad_enabled():   # no backward can follow: no gradient GEMMs
+        hidden, weight, bias, h = hidden.detach(), weight.detach(), None if bias is None else bias.detach(), h.detach()
     out = _LinearCrossEntropy.apply(h, weight.contiguous(), None if bias is None else bias.contiguous(), y,
                                     ignore_index, reduction, label_smoothing, z_loss, softcap, int(chunk_bytes),
                                     backend)
