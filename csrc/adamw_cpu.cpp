@@ -27,17 +27,18 @@ namespace {
 constexpr int64_t kChunk = 16384;
 
 struct Hyper {
-  float decay, one_minus_b1, one_minus_b2, beta2, eps, grad_scale;
+  float decay, lerp_coef, one_minus_b2, beta2, eps, grad_scale;
+  bool lerp_from_m;   // torch's lerp(m, g, w): fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)
   bool amsgrad;
 };
 
-// p *= decay; m = fma(1-b1, g-m, m); v = fma((1-b2) g, g, v b2); p += (step_size m) / (sqrt(v)/bc2_sqrt + eps)
+// p *= decay; m = lerp(m, g, 1-b1); v = fma((1-b2) g, g, v b2); p += (step_size m) / (sqrt(v)/bc2_sqrt + eps)
 // amsgrad: vmax = max(vmax, v) (NaN propagates, as torch.maximum), used in place of v.
 inline void adamw_scalar(float* p, const float* g, float* m, float* v, float* vmax, int64_t i, const Hyper& h,
                          float step_size, float bc2_sqrt) {
   const float gi = g[i] * h.grad_scale;
   const float pi = p[i] * h.decay;
-  const float mi = std::fma(h.one_minus_b1, gi - m[i], m[i]);
+  const float mi = std::fma(h.lerp_coef, gi - m[i], h.lerp_from_m ? m[i] : gi);
   float vi = std::fma(h.one_minus_b2 * gi, gi, v[i] * h.beta2);
   m[i] = mi;
   v[i] = vi;
@@ -54,7 +55,7 @@ inline void adamw_scalar(float* p, const float* g, float* m, float* v, float* vm
 // (and the optimize pragma/attribute does not set). Same operations, same order, same IEEE results.
 __attribute__((target("avx2,fma"))) void adamw_avx2(float* p, const float* g, float* m, float* v, float* vmax,
                                                     int64_t n, Hyper h, float step_size, float bc2_sqrt) {
-  const __m256 decay = _mm256_set1_ps(h.decay), omb1 = _mm256_set1_ps(h.one_minus_b1),
+  const __m256 decay = _mm256_set1_ps(h.decay), coef = _mm256_set1_ps(h.lerp_coef),
                omb2 = _mm256_set1_ps(h.one_minus_b2), b2 = _mm256_set1_ps(h.beta2), eps = _mm256_set1_ps(h.eps),
                scale = _mm256_set1_ps(h.grad_scale), ss = _mm256_set1_ps(step_size), bc2 = _mm256_set1_ps(bc2_sqrt);
   int64_t i = 0;
@@ -62,7 +63,7 @@ __attribute__((target("avx2,fma"))) void adamw_avx2(float* p, const float* g, fl
     const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + i), scale);
     const __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
     const __m256 m0 = _mm256_loadu_ps(m + i);
-    const __m256 mi = _mm256_fmadd_ps(omb1, _mm256_sub_ps(gi, m0), m0);
+    const __m256 mi = _mm256_fmadd_ps(coef, _mm256_sub_ps(gi, m0), h.lerp_from_m ? m0 : gi);
     __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(omb2, gi), gi, _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
     _mm256_storeu_ps(m + i, mi);
     _mm256_storeu_ps(v + i, vi);
@@ -211,7 +212,9 @@ void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<
 
   Hyper h;
   h.decay = static_cast<float>(1.0 - lr * weight_decay);
-  h.one_minus_b1 = static_cast<float>(1.0 - beta1);
+  const float one_minus_b1 = static_cast<float>(1.0 - beta1);
+  h.lerp_from_m = one_minus_b1 < 0.5f;
+  h.lerp_coef = h.lerp_from_m ? one_minus_b1 : one_minus_b1 - 1.f;
   h.one_minus_b2 = static_cast<float>(1.0 - beta2);
   h.beta2 = static_cast<float>(beta2);
   h.eps = static_cast<float>(eps);

@@ -120,7 +120,7 @@ def adamw_update_kernel(meta, chunks, n_tensors, stats, lr: tl.float64, beta1: t
                         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CLIP: tl.constexpr, SKIP: tl.constexpr,
                         STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """torch.optim.AdamW's update of BLOCK elements of one tensor, in fp32, states fp32:
-    p *= f32(1 - lr wd); m = fma(f32(1 - b1), g - m, m); v = fma(f32(1 - b2) g, g, v f32(b2));
+    p *= f32(1 - lr wd); m = lerp(m, g, f32(1 - b1)); v = fma(f32(1 - b2) g, g, v f32(b2));
     p += (f32(-lr / bc1) m) / (sqrt(v) / f32(sqrt(bc2)) + eps), bias corrections from the step counter."""
     pid = tl.program_id(0)
     ti = tl.load(chunks + 2 * pid)
@@ -140,6 +140,9 @@ def adamw_update_kernel(meta, chunks, n_tensors, stats, lr: tl.float64, beta1: t
     bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2))).to(tl.float32)  # fp64 sqrt is IEEE
     decay = (1.0 - lr * weight_decay).to(tl.float32)
     one_minus_b1 = (1.0 - beta1).to(tl.float32)
+    # torch's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g) (w - 1 exact in fp32)
+    lerp_small = one_minus_b1 < 0.5
+    lerp_coef = tl.where(lerp_small, one_minus_b1, one_minus_b1 - 1.0)
     one_minus_b2 = (1.0 - beta2).to(tl.float32)
     b2 = beta2.to(tl.float32)
 
@@ -165,7 +168,7 @@ def adamw_update_kernel(meta, chunks, n_tensors, stats, lr: tl.float64, beta1: t
         g = -g
 
     p = p * decay
-    m = tl.fma(one_minus_b1, g - m, m)
+    m = tl.fma(lerp_coef, g - m, tl.where(lerp_small, m, g))
     v = tl.fma(one_minus_b2 * g, g, v * b2)
     tl.store(m_ptr, m, mask=mask)
     tl.store(v_ptr, v, mask=mask)

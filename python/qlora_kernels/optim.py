@@ -31,13 +31,18 @@ def _check_hyper(lr, betas, eps, weight_decay):
 
 
 class _DevicePlan:
-    """Everything one step needs on one device, built once per set of (param, grad) addresses."""
+    """Everything one step needs on one device, built once per set of (param, grad) addresses. It holds no
+    grad: a reference would keep last step's grads alive through the next backward (a second set of
+    gradients in memory), and their addresses could then never repeat, so the plan would never be reused."""
 
     def __init__(self, device, backend):
         self.device, self.backend = device, backend
-        self.units = []       # (group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, UpdateTable)
-        self.grads, self.steps = [], []
+        self.units = []       # (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, UpdateTable)
+        self.params, self.steps = [], []
         self.prologue = None  # PrologueTable (triton)
+
+    def grads(self):
+        return [p.grad for p in self.params]
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -78,10 +83,20 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer interface -------------------------------------------------------------------
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group = {**self.defaults, **param_group}   # checked before it is added: a refused group is not kept
         _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        super().add_param_group(param_group)
         self._plan_key = self._plan = None
+
+    # what torch's Optimizer pickles (defaults, state, param_groups) plus this optimizer's own settings and
+    # counters, so a deepcopy or an unpickled FusedAdamW steps like the original
+    _EXTRA_STATE = ("max_grad_norm", "skip_nonfinite", "bf16_stochastic_rounding", "_backend", "last_grad_norm",
+                    "_skipped", "_seed", "_host_steps", "_primary")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._EXTRA_STATE})
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -90,17 +105,34 @@ class FusedAdamW(torch.optim.Optimizer):
             group.setdefault("maximize", False)
         self._plan_key = self._plan = None
 
+    def state_dict(self):
+        """torch AdamW's state dict, plus this optimizer's step counters under "fused_adamw" (torch ignores
+        the key): skipped steps and the stochastic-rounding seed, so a resumed run rounds as the original."""
+        out = super().state_dict()
+        out["fused_adamw"] = {"skipped_steps": self.skipped_steps.clone(), "seed": self._seed,
+                              "host_steps": self._host_steps}
+        return out
+
     def load_state_dict(self, state_dict):
+        """Loads torch AdamW's (or this optimizer's) state dict; moments are kept in fp32 at the precision
+        they were saved with (torch's own loader casts them to the param's dtype: bf16 params would lose
+        the fp32 moments' low bits)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        moments = {p: {key: value for key, value in state_dict["state"].get(i, {}).items()
+                       if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for i, p in zip(saved_ids, params)}
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    if key in state:
-                        state[key] = state[key].to(device=p.device, dtype=torch.float32).contiguous()
+        for p, saved in moments.items():
+            state = self.state.get(p)
+            if not state:
+                continue
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
+            for key, value in saved.items():   # a copy: the caller's state dict is never updated in place
+                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+        extra = state_dict.get("fused_adamw")
+        if extra is not None:
+            self.skipped_steps.copy_(extra["skipped_steps"])
+            self._seed, self._host_steps = int(extra["seed"]), int(extra["host_steps"])
         self._plan_key = self._plan = None
 
     @property
@@ -133,7 +165,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 empty = plan.prologue.n_programs == 0
                 self._triton_step(plan, norm=guard, finalize=True, stats=ops.new_stats(plan.device, zero=empty))
             else:
-                stats = ops.cpu_grad_stats(plan.grads) if guard else None
+                stats = ops.cpu_grad_stats(plan.grads()) if guard else None
                 self._host_step(plan, stats)
             return loss
         # params on several devices: per-device sums, combined on the first device, then per-device steps
@@ -146,7 +178,7 @@ class FusedAdamW(torch.optim.Optimizer):
                                         finalize=False, max_grad_norm=None, skip_nonfinite=False)
                 per_device.append(stats)
             else:
-                per_device.append(ops.cpu_grad_stats(plan.grads) if guard else None)
+                per_device.append(ops.cpu_grad_stats(plan.grads()) if guard else None)
         total = None
         if guard:
             total = sum(s[:2].to(device=plans[0].device, dtype=torch.float64) for s in per_device)
@@ -184,9 +216,9 @@ class FusedAdamW(torch.optim.Optimizer):
             if self.skip_nonfinite and float(stats[1]) > 0:
                 self._skipped_on(plan.device).add_(1)
                 return
-        for group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ in plan.units:
+        for group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ in plan.units:
             beta1, beta2 = group["betas"]
-            ops.cpu_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=_scalar(group["lr"]),
+            ops.cpu_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=_scalar(group["lr"]),
                          beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                          amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=coef,
                          stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(),
@@ -233,6 +265,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                                memory_format=torch.contiguous_format)
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):   # the kernels read them as raw fp32
+                    t = state.get(key)
+                    if t is not None and not (t.dtype == torch.float32 and t.device == p.device
+                                              and t.shape == p.shape and t.is_contiguous()):
+                        raise ValueError(f"FusedAdamW: state {key!r} must be a contiguous float32 tensor shaped "
+                                         f"and placed like its param, got {t.dtype} {tuple(t.shape)} on {t.device}")
                 per_device.setdefault(p.device, []).append((p, g, state))
             for device, items in per_device.items():
                 if device not in plans:
@@ -250,15 +288,15 @@ class FusedAdamW(torch.optim.Optimizer):
                 table = None
                 if plan.backend == "triton":
                     table = ops.UpdateTable(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps)
-                plan.units.append((group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, table))
-                plan.grads += grads
+                plan.units.append((group, params, exp_avgs, exp_avg_sqs, max_sqs, steps, table))
+                plan.params += params
                 plan.steps += steps
         out = list(plans.values())
         if self._primary in plans:  # the first param's device first: the norm is combined there
             out.sort(key=lambda pl: pl.device != self._primary)
         for plan in out:
             if plan.backend == "triton":
-                plan.prologue = ops.PrologueTable(plan.grads, plan.steps, plan.device)
+                plan.prologue = ops.PrologueTable(plan.grads(), plan.steps, plan.device)
         return out
 
 

@@ -3,7 +3,8 @@
 The contract (torch's single-tensor AdamW, ../shared/notes/nf4-format.md), per step, `t += 1` first,
 `g = -g` when maximize, `g = g * clip_coef` when clipping:
     p = p * f32(1 - lr * wd)
-    m = fma(f32(1 - b1), g - m, m)                 (torch: m.lerp_(g, 1 - b1))
+    m = lerp(m, g, f32(1 - b1))                     (torch's m.lerp_(g, 1 - b1): fma(w, g - m, m) for w < 0.5,
+                                                     else fma(w - 1, g - m, g))
     v = fma(f32(1 - b2) * g, g, v * f32(b2))        (torch: v.mul_(b2).addcmul_(g, g, value=1 - b2))
     vmax = max(vmax, v) and v := vmax               (amsgrad)
     denom = sqrt(v) / f32(sqrt(1 - b2**t)) + f32(eps)
