@@ -167,6 +167,20 @@ def test_without_labels_returns_logits(checkpoint):
     assert isinstance(tup, tuple) and tup[0].ndim == 0  # (loss,): logits None are dropped as HF does
 
 
+def test_evaluation_returns_logits(checkpoint):
+    """Under no_grad (Trainer.evaluate / predict) a patched model returns its logits with the loss, so
+    compute_metrics sees predictions; with grad enabled the logits are never built."""
+    model = load(checkpoint)
+    ids, labels = batch()
+    patch_model(model)
+    train = model(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        evaluation = model(input_ids=ids, labels=labels)
+    assert train.logits is None
+    assert evaluation.logits.shape == (BATCH, SEQ, VOCAB)
+    assert_close(evaluation.loss, train.loss.detach(), atol=1e-3, rtol=1e-2, msg="loss")
+
+
 def test_num_items_in_batch(checkpoint):
     """HF's gradient-accumulation normalization: sum over labelled tokens / num_items_in_batch."""
     model = load(checkpoint)

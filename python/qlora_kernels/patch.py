@@ -6,7 +6,8 @@
   that calls `nf4_lora_linear` on bitsandbytes' own storage (`NF4Weight.from_bnb`: a view, no copy);
 - the causal LM (Llama, Mistral, Qwen2, Qwen3) gets an instance `forward` that, when `labels` (or
   `shift_labels`) are passed, computes the loss with `fused_linear_cross_entropy` on the final hidden states,
-  so the (tokens x vocab) logits are never built. Such calls return `logits=None`.
+  so the (tokens x vocab) logits are never built. Such calls return `logits=None`. Under `torch.no_grad()`
+  (evaluation, `Trainer.predict`, metrics) the model runs its own forward and returns its logits with the loss.
 
 Each patched forward checks, per call, that the fast path still applies (adapters enabled, not merged, one
 active plain-LoRA adapter, NF4 storage not repacked, no extra arguments) and otherwise calls the forward it
@@ -174,13 +175,15 @@ def _loss_plan(lm):
 
 
 def _lm_loss_forward(self, *args, **kwargs):
-    """The causal LM's forward; with labels, the loss comes from fused_linear_cross_entropy and logits=None."""
+    """The causal LM's forward; with labels and grad enabled, the loss comes from fused_linear_cross_entropy
+    and logits=None (without grad, evaluation loops want the logits: the original forward runs)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from qlora_kernels.ops.cross_entropy import fused_linear_cross_entropy
 
     orig = _original(self)
     state = self.__dict__.get(_STATE)
-    if state is None or "fused_lm_head" in kwargs:       # unpatched, or TRL's own fused head asked for
+    if state is None or "fused_lm_head" in kwargs or not torch.is_grad_enabled():   # unpatched, TRL's own
+        # fused head asked for, or evaluation (Trainer.predict / compute_metrics read the logits)
         return orig(*args, **kwargs)
     sig = state.get("sig")
     if sig is None:
