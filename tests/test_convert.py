@@ -115,6 +115,62 @@ def test_we_load_peft_adapter(tmp_path):
         torch.testing.assert_close(layer.lora_B, theirs[f"base_model.model.{name}.lora_B.weight"], atol=0, rtol=0)
 
 
+def _peft_logits(peft, ours, path, ids, seed):
+    """Logits of PeftModel.from_pretrained(plain model with our NF4-dequantized base, path)."""
+    fresh = tiny_llama(seed)
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            fresh.get_submodule(name).weight.copy_(qk.dequantize_nf4(layer.qweight))
+    peft_model = peft.PeftModel.from_pretrained(fresh, str(path)).eval()
+    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    return logits(peft_model, ids), n_lora
+
+
+def test_layer_subset_and_mixed_ranks_round_trip(tmp_path):
+    """An adapter on one layer's q_proj only, and q_proj / v_proj at different ranks and alphas: our file
+    loads back (ours) and into PEFT with the same layers and output."""
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 512, (1, 9))
+    one = qk.convert_to_qlora(tiny_llama(3), 8, 16, compute_dtype=torch.float32,
+                              target_modules=["model.layers.0.self_attn.q_proj"])
+    mixed = qk.convert_to_qlora(tiny_llama(3), 8, 16, compute_dtype=torch.float32, target_modules=["q_proj"])
+    qk.convert_to_qlora(mixed, 4, 32, compute_dtype=torch.float32, target_modules=["v_proj"])
+    for i, model in enumerate((one, mixed)):
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.normal_(0.0, 0.05)
+        qk.save_adapter(model, str(tmp_path / str(i)))
+        again = qk.load_adapter(tiny_llama(3), str(tmp_path / str(i)), compute_dtype=torch.float32)
+        assert {n: (m.r, m.scaling) for n, m in lora_layers(again).items()} == \
+            {n: (m.r, m.scaling) for n, m in lora_layers(model).items()}
+        assert torch.equal(logits(again, ids), logits(model, ids))
+        peft_logits, n_lora = _peft_logits(peft, model, tmp_path / str(i), ids, 3)
+        assert n_lora == len(lora_layers(model))
+        assert (peft_logits - logits(model, ids)).abs().max() < 1e-4 * max(1.0, peft_logits.abs().max().item())
+    cfg = json.loads((tmp_path / "0" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("select", [dict(target_modules=r".*\.(q_proj|v_proj)"),
+                                    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),
+                                    dict(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])],
+                         ids=["regex", "layers_to_transform", "exclude_modules"])
+def test_we_load_peft_layer_selections(tmp_path, select):
+    """PEFT adapters whose layers were chosen by a regex, layers_to_transform or exclude_modules load into a
+    plain model: the file, not the config's target list, says which layers carry LoRA."""
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(tiny_llama(4), peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                                                    **select))
+    peft_model.save_pretrained(str(tmp_path))
+    theirs = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    model = qk.load_adapter(tiny_llama(4), str(tmp_path), compute_dtype=torch.float32)
+    layers = lora_layers(model)
+    assert sorted(f"base_model.model.{n}.{part}.weight" for n in layers for part in ("lora_A", "lora_B")) == \
+        sorted(theirs)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A, theirs[f"base_model.model.{name}.lora_A.weight"])
+
+
 def test_save_load_round_trip(tmp_path):
     ours = converted(seed=2)
     qk.save_adapter(ours, str(tmp_path))

@@ -10,6 +10,7 @@ PEFT's format (peft 0.21, task CAUSAL_LM): `adapter_model.safetensors` with keys
 import json
 import math
 import os
+import re
 from collections import Counter
 
 import torch
@@ -105,12 +106,16 @@ def adapter_config(model, base_model_name_or_path=None) -> dict:
     if len(rslora) > 1 or len(dropouts) > 1:
         raise ValueError("PEFT's format needs one use_rslora and one lora_dropout for all LoRA layers")
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    # short names (q_proj, ...) when they select exactly these layers in PEFT's matching; else full paths
+    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    linear_like = [n for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, LoRALinear4bit)]
+    exact = {n for n in linear_like if n.rsplit(".", 1)[-1] in short} == set(layers)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "use_rslora": rslora.pop(),
+        "target_modules": short if exact else sorted(layers), "use_rslora": rslora.pop(),
         "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
@@ -136,11 +141,22 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | Non
         json.dump(config, f, indent=2, sort_keys=True)
 
 
+def _pattern_value(patterns, name, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that matches the end of the
+    module path (as a regex), else `default`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", name):
+            return value
+    return default
+
+
 def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
-    """Load a PEFT LoRA adapter (ours or PEFT's) into `model` and return it. A plain model is first converted
-    with the adapter's r / lora_alpha / lora_dropout / target_modules / use_rslora (`convert_kwargs`:
-    blocksize, double_quant, compute_dtype). Every LoRA layer must get its A and B, and every tensor in the
-    file must have a layer: otherwise ValueError, and nothing is loaded."""
+    """Load a PEFT LoRA adapter (ours or PEFT's) into `model` and return it. The adapter file names its
+    layers, so whatever chose them in PEFT (target names or a regex, layers_to_transform, exclude_modules)
+    needs no re-interpretation; each layer's r is its tensors' and its lora_alpha comes from alpha_pattern or
+    the config. A plain model first gets exactly those layers converted (`convert_kwargs`: blocksize,
+    double_quant, compute_dtype). Every LoRA layer must get its A and B, and every tensor in the file must
+    have a layer of the right shape, r and alpha: otherwise ValueError, and nothing is loaded or converted."""
     from safetensors.torch import load_file
 
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
@@ -149,34 +165,53 @@ def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none" \
-            or cfg.get("modules_to_save") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"unsupported adapter in {path!r}: only plain LoRA (no DoRA, bias, modules_to_save or "
-                         "rank/alpha patterns) loads into LoRALinear4bit")
-    if not lora_layers(model):
-        convert_to_qlora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
-                         cfg["target_modules"], cfg.get("use_rslora", False), **convert_kwargs)
-    layers = lora_layers(model)
+            or cfg.get("modules_to_save"):
+        raise ValueError(f"unsupported adapter in {path!r}: only plain LoRA (no DoRA, bias or modules_to_save) "
+                         "loads into LoRALinear4bit")
     tensors = load_file(w_path)
-    expected = {}
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            expected[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part)
+    suffixes = (".lora_A.weight", ".lora_B.weight")
+    paths = sorted({k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors
+                    if k.startswith(PEFT_PREFIX) and k.endswith(suffixes)})
+    rslora = bool(cfg.get("use_rslora", False))
+
+    def expected_r_alpha(name):   # (r, lora_alpha) the adapter gives layer `name`
+        return (_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]),
+                _pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+
+    convert = not lora_layers(model)
+    if convert:   # the layers to convert: the file's, each an nn.Linear of the model with matching shapes
+        linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+        absent = [n for n in paths if n not in linears]
+        if absent or not paths:
+            raise ValueError(f"adapter {path!r} does not fit the model: {len(absent)} of its {len(paths)} LoRA "
+                             f"layer(s) are not nn.Linear layers of it {absent[:3]}")
+        layers = {n: (linears[n].in_features, linears[n].out_features, *expected_r_alpha(n)) for n in paths}
+    else:
+        layers = {n: (m.in_features, m.out_features, m.r, _layer_alpha_rslora(m)[0])
+                  for n, m in lora_layers(model).items()}
+    expected = {f"{PEFT_PREFIX}{n}.{part}.weight": (n, part) for n in layers for part in ("lora_A", "lora_B")}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter {path!r} does not fit the model: {len(missing)} missing key(s) "
                          f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
-    for name, layer in layers.items():
-        alpha, rslora = _layer_alpha_rslora(layer)
-        if layer.r != cfg["r"] or alpha != cfg["lora_alpha"] or rslora != bool(cfg.get("use_rslora", False)):
-            raise ValueError(f"adapter {path!r} has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, use_rslora="
-                             f"{cfg.get('use_rslora', False)}; layer {name} has r={layer.r}, lora_alpha={alpha}, "
-                             f"use_rslora={rslora}")
-    for key, param in expected.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise ValueError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, the model's "
-                             f"{tuple(param.shape)}")
+    for name, (in_f, out_f, r, alpha) in layers.items():
+        want_r, want_alpha = expected_r_alpha(name)
+        layer_rslora = rslora if convert else _layer_alpha_rslora(lora_layers(model)[name])[1]
+        if (r, alpha, layer_rslora) != (want_r, want_alpha, rslora):
+            raise ValueError(f"adapter {path!r} has r={want_r}, lora_alpha={want_alpha}, use_rslora={rslora} for "
+                             f"{name}; the layer has r={r}, lora_alpha={alpha}, use_rslora={layer_rslora}")
+        for part, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, the layer needs "
+                                 f"{shape}")
+    if convert:
+        for name, (_, _, r, alpha) in layers.items():
+            convert_to_qlora(model, r, alpha, cfg.get("lora_dropout", 0.0), [name], rslora, **convert_kwargs)
+    converted = lora_layers(model)
     with torch.no_grad():
-        for key, param in expected.items():
+        for key, (name, part) in expected.items():
+            param = getattr(converted[name], part)
             param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
     return model
