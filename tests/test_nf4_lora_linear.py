@@ -16,7 +16,8 @@ from qlora_kernels.nn import LoRALinear4bit
 from qlora_kernels.ops import nf4_lora_linear as ops
 from qlora_kernels.ops.nf4 import quantize_nf4
 from qlora_kernels.reference import nf4_lora_linear as ref
-from qlora_kernels.testing import CompileCase, assert_no_spills, check_cuda_graph, compile_for_gpu, max_error
+from qlora_kernels.testing import (CompileCase, assert_close, assert_no_spills, check_cuda_graph, compile_for_gpu,
+                                   max_error)
 
 nf4_lora_linear = qlora_kernels.nf4_lora_linear
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -297,6 +298,30 @@ def test_bad_inputs(device):
         nf4_lora_linear(x, qw, A.to("meta"), B)
     with pytest.raises(TypeError, match="NF4Weight"):
         nf4_lora_linear(x, torch.randn(64, 128), A, B)
+    # the weight's scales: the kernels read them beside packed, as raw fp32 / uint8
+    with pytest.raises(ValueError, match="absmax2 must be torch.float32 with 1 elements on"):
+        qlora_kernels.NF4Weight(qw.packed, qw.shape, qw.dtype, 64, qabsmax=qw.qabsmax, absmax2=qw.absmax2.to("meta"),
+                                code2=qw.code2, offset=qw.offset)
+    with pytest.raises(ValueError, match="absmax must be torch.float32 with 128 elements"):
+        qlora_kernels.NF4Weight(qw.packed, qw.shape, qw.dtype, 64, qw.absmax().half())
+    with pytest.raises(ValueError, match="qabsmax must be torch.uint8 with 128 elements"):
+        qlora_kernels.NF4Weight(qw.packed, qw.shape, qw.dtype, 64, qabsmax=qw.qabsmax[:-1], absmax2=qw.absmax2,
+                                code2=qw.code2, offset=qw.offset)
+
+
+def test_strided_bias(device):
+    """A bias that is a strided view (a column of a larger tensor) is read at its strides, and its gradient
+    reaches the tensor it views."""
+    qw, x, A, B, _ = _make(5, 48, 128, 8, device=device)
+    big = torch.randn(48, 2, device=device, requires_grad=True)
+    for backend in _backends(device):
+        big.grad = None
+        y = nf4_lora_linear(x, qw, A, B, 2.0, big[:, 0], backend=None if backend == "default" else backend)
+        expected = ref.nf4_lora_linear(x, qw, A, B, 2.0, big[:, 0].detach())
+        assert max_error(y, expected) <= 1e-4 * float(expected.abs().max()), backend
+        y.sum().backward()
+        assert_close(big.grad[:, 0], torch.full((48,), 5.0, device=device), atol=1e-5, rtol=0)
+        assert float(big.grad[:, 1].abs().sum()) == 0.0
 
 
 def test_module_init_merge_and_forward():
@@ -319,6 +344,36 @@ def test_module_init_merge_and_forward():
     mod.train()
     mod(x).sum().backward()
     assert mod.lora_A.grad is not None and mod.lora_B.grad is not None
+
+
+def test_module_quantizes_like_bitsandbytes_and_keeps_its_format_under_casts():
+    """from_linear on an fp32 Linear with compute_dtype bf16 stores what bnb.nn.Linear4bit(compute_dtype=bf16)
+    stores (the weight quantized in its own dtype); a dtype cast of the module (model.to(torch.bfloat16))
+    casts the LoRA weights but never the quantization state, so the output does not move."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    base = bnb.nn.Linear4bit(256, 64, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    base.load_state_dict(lin.state_dict())
+    theirs = qlora_kernels.NF4Weight.from_bnb(base.to("cpu").weight)
+    mod = LoRALinear4bit.from_linear(lin, r=4, lora_alpha=8, compute_dtype=torch.bfloat16)
+    ours = mod.qweight
+    assert torch.equal(ours.packed, theirs.packed) and torch.equal(ours.absmax(), theirs.absmax())
+    assert ours.dtype == theirs.dtype == torch.float32
+    for double_quant in (True, False):
+        mod = LoRALinear4bit.from_linear(lin, r=4, lora_alpha=8, double_quant=double_quant,
+                                         compute_dtype=torch.float32)
+        with torch.no_grad():
+            mod.lora_B.normal_(std=0.1)
+        x = torch.randn(3, 256)
+        y0 = mod(x)
+        scales = [t.clone() for t in mod.qweight.scale_tensors() if t is not None]
+        mod.to(torch.bfloat16)
+        assert mod.lora_A.dtype == torch.bfloat16
+        assert all(torch.equal(a, b) for a, b in zip(scales, (t for t in mod.qweight.scale_tensors() if t is not None)))
+        mod.compute_dtype = torch.float32
+        mod.float()
+        torch.testing.assert_close(mod(x), y0, atol=2e-2, rtol=2e-2)   # LoRA weights went through bf16
 
 
 @pytest.mark.parametrize("backend", ["default", CPU_PATH])

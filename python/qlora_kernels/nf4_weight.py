@@ -31,6 +31,18 @@ class NF4Weight:
         if packed.dtype != torch.uint8 or packed.numel() != (self.numel() + 1) // 2:
             raise ValueError(f"packed must be uint8 with {(self.numel() + 1) // 2} bytes for shape "
                              f"{tuple(self.shape)}, got {packed.dtype} with {packed.numel()}")
+        # the kernels read the scales as raw fp32 / uint8 arrays beside packed: check what they will read
+        nblocks = self.nblocks
+        expected = [("qabsmax", qabsmax, torch.uint8, nblocks),
+                    ("absmax2", absmax2, torch.float32, -(-nblocks // self.nested_blocksize)),
+                    ("code2", code2, torch.float32, 256), ("offset", offset, torch.float32, 1)] \
+            if qabsmax is not None else [("absmax", absmax, torch.float32, nblocks)]
+        for name, t, dtype, numel in expected:
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != numel or t.device != packed.device:
+                got = (f"{t.dtype} with {t.numel()} elements on {t.device}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise ValueError(f"NF4Weight {name} must be {dtype} with {numel} elements on {packed.device} "
+                                 f"(packed's device), got {got}")
 
     @property
     def double_quant(self) -> bool:

@@ -14,8 +14,11 @@ class LoRALinear4bit(nn.Module):
     `y = x @ dequant(W).T + scaling * lora_B(lora_A(dropout(x))) + bias`, scaling = alpha / r
     (alpha / sqrt(r) with rslora). lora_A kaiming-uniform(a=sqrt(5)), lora_B zeros, both fp32.
 
-    The NF4 storage lives in buffers (moves with .to(device), saved in state_dict); the bias is frozen.
+    The NF4 storage lives in buffers (moves with .to(device), saved in state_dict; a dtype cast such as
+    `.to(torch.bfloat16)` leaves it alone, as bitsandbytes' quant state); the bias is frozen.
     """
+
+    _QUANT_BUFFERS = ("scales", "absmax2", "code2", "offset")
 
     def __init__(self, qweight: NF4Weight, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, bias: torch.Tensor | None = None,
@@ -46,10 +49,22 @@ class LoRALinear4bit(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> "LoRALinear4bit":
-        """Quantize `linear.weight` to NF4 (bitsandbytes-identical) and attach a fresh LoRA adapter."""
-        qweight = quantize_nf4(linear.weight.detach().to(compute_dtype), blocksize=blocksize,
-                               double_quant=double_quant)
+        """Quantize `linear.weight` to NF4 in its own dtype, as `bnb.nn.Linear4bit` does (bitsandbytes-identical
+        bytes; compute_dtype is the dtype of the matmul, not of the quantization), and attach a fresh LoRA
+        adapter."""
+        qweight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(qweight, r, lora_alpha, lora_dropout, use_rslora, linear.bias, compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast every float buffer; the quantization state keeps its dtype (its bits
+        # are the format) and only follows device moves
+        before = {name: getattr(self, name) for name in self._QUANT_BUFFERS if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, t in before.items():
+            after = getattr(self, name)
+            if after.dtype != t.dtype:
+                setattr(self, name, t.to(after.device))
+        return self
 
     @property
     def qweight(self) -> NF4Weight:

@@ -49,6 +49,7 @@ def nf4_lora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, l
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64) if p > 0 else None
     scales, absmax2, code2, offset = qweight.scale_tensors()
     x2d = x.reshape(-1, qweight.shape[1])
+    bias = None if bias is None else bias.contiguous()   # the kernels' epilogue reads it at unit stride
     y = _NF4LoRALinear.apply(x2d, qweight.packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed,
                              qweight.shape[0], qweight.blocksize, qweight.nested_blocksize, float(scaling), p,
                              backend or "")
