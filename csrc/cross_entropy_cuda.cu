@@ -214,10 +214,10 @@ __global__ void __launch_bounds__(kThreads, kVecs > 8 ? 1 : 3) ce_cluster_kernel
 }
 
 template <typename T, int kVecs, bool kSoftcap>
-cudaError_t launch(const void* logits, void* grad, const int64_t* labels, float* loss, float* lse, const int32_t* count,
-            int64_t n_rows, int64_t V, int64_t span, unsigned ranks, int64_t stride_row, int64_t grad_stride_row,
-            int64_t ignore_index, float smoothing, float z_loss, float cap, bool mean, bool write_ignored,
-            cudaStream_t stream) {
+cudaError_t launch(const void* logits, void* grad, const int64_t* labels, float* loss, float* lse,
+                   const int32_t* count, int64_t n_rows, int64_t V, int64_t span, unsigned ranks, int64_t stride_row,
+                   int64_t grad_stride_row, int64_t ignore_index, float smoothing, float z_loss, float cap, bool mean,
+                   bool write_ignored, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(ranks * n_rows));
   config.blockDim = dim3(kThreads);
@@ -235,9 +235,10 @@ cudaError_t launch(const void* logits, void* grad, const int64_t* labels, float*
 }
 
 template <typename T>
-cudaError_t launch_for(const void* logits, void* grad, const int64_t* labels, float* loss, float* lse, const int32_t* count,
-                int64_t n_rows, int64_t V, int64_t stride_row, int64_t grad_stride_row, int64_t ignore_index,
-                float smoothing, float z_loss, float cap, bool mean, bool write_ignored, cudaStream_t stream) {
+cudaError_t launch_for(const void* logits, void* grad, const int64_t* labels, float* loss, float* lse,
+                       const int32_t* count, int64_t n_rows, int64_t V, int64_t stride_row, int64_t grad_stride_row,
+                       int64_t ignore_index, float smoothing, float z_loss, float cap, bool mean, bool write_ignored,
+                       cudaStream_t stream) {
   // The fewest CTAs per row whose slices fit 8 vectors a thread (32 registers); past 8 CTAs, 16 vectors.
   const int64_t vectors = V / (16 / sizeof(T));
   unsigned ranks = 1;

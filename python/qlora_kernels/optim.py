@@ -218,9 +218,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 return
         for group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ in plan.units:
             beta1, beta2 = group["betas"]
-            ops.cpu_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=_scalar(group["lr"]),
-                         beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                         amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=coef,
+            ops.cpu_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                         lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                         grad_scale=coef,
                          stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(),
                          use_native=plan.backend == "cpu")
 
