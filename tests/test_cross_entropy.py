@@ -221,7 +221,8 @@ def test_fp16_gradient_under_a_loss_scale(linear, device):
         assert torch.isfinite(x.grad).all(), loss_scale
         rel_l1 = float((x.grad.float() - xr.grad).abs().sum() / xr.grad.abs().sum())
         print(f"linear={linear} scale={loss_scale} rel_l1={rel_l1:.2e}")
-        assert rel_l1 < (2.5e-4 if linear else 1e-3), (loss_scale, rel_l1)
+        # measured here: 1.8e-4 / 1.2e-4 (dividing before the scale: 4.6e-4 / 8.6e-3)
+        assert rel_l1 < (3.5e-4 if linear else 1e-3), (loss_scale, rel_l1)
 
 
 def test_strided_logits_and_inplace(device):
