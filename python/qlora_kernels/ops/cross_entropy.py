@@ -339,7 +339,7 @@ class _CrossEntropy(torch.autograd.Function):
                 backend, block_v):
         opts = (ignore_index, float(label_smoothing), float(z_loss), _softcap_value(softcap))
         mean = reduction == "mean"
-        count = (labels != ignore_index).sum().clamp(min=1)
+        count = (labels != ignore_index).sum().clamp(min=1) if mean else None
         kernel_mean = _count_in_kernel(mean, logits.dtype)
         ctx.count = count if mean and not kernel_mean else None
         ctx.backward_done = False
@@ -606,7 +606,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         mean = reduction == "mean"
-        count = (labels != ignore_index).sum().clamp(min=1)
+        count = (labels != ignore_index).sum().clamp(min=1) if mean else None
         kernel_mean = _count_in_kernel(mean, hidden.dtype)
         ctx.count = count if mean and not kernel_mean else None
         ctx.backward_done = False
@@ -678,7 +678,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
     if not torch.is_grad_enabled():   # no backward can follow: no gradient GEMMs
-        hidden, weight, bias, h = hidden.detach(), weight.detach(), None if bias is None else bias.detach(), h.detach()
+        h, weight, bias = h.detach(), weight.detach(), None if bias is None else bias.detach()
     out = _LinearCrossEntropy.apply(h, weight.contiguous(), None if bias is None else bias.contiguous(), y,
                                     ignore_index, reduction, label_smoothing, z_loss, softcap, int(chunk_bytes),
                                     backend)
