@@ -36,6 +36,20 @@ MM_ACC_CONFIGS = {9: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_sta
                   8: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)}
 # Under the interpreter cost follows the number of programs: big tiles.
 MM_INTERPRET_CONFIG = dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=1)
+# Online linear cross-entropy (QLORA_KERNELS_CE_LINEAR=online): vocabulary slices of ONLINE_SLICE_V
+# columns. The logits GEMM keeps its statistics epilogue on a 128 x 128 tile (221-244 registers on sm_90,
+# no spills). The gradient GEMM forms its A operand (softmax numerators) from the stored logits in
+# registers, ~5 instructions per value: 128 x 128 tiles over 8 warps (310 SASS instructions per K-step
+# against 512 cycles of wgmma; 64 x 128 issues 207 against 256). The narrow 64 x 128 tile serves softcap
+# (2 more exps per value: 128 x 128 spills) and chunks too short for 128-row tiles to fill the SMs.
+ONLINE_SLICE_V = 8192
+ONLINE_LOGITS_CONFIGS = {9: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+                         8: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)}
+ONLINE_GRAD_CONFIGS = {9: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                       8: dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)}
+ONLINE_GRAD_NARROW_CONFIGS = {9: dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+                              8: dict(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)}
+ONLINE_FINISH_BLOCK_H = 1024
 
 
 @triton.jit
@@ -302,6 +316,21 @@ def colsum_kernel(x_ptr, out_ptr, limit_ptr, limit_offset, n_rows, n_cols, strid
 
 
 @triton.jit
+def _bound(limit_ptr, limit_offset, n):
+    """min(n, *limit_ptr - limit_offset) clamped at 0, as int32: the rows of a chunk that exist."""
+    return tl.maximum(tl.minimum(n, tl.load(limit_ptr).to(tl.int64) - limit_offset), 0).to(tl.int32)
+
+
+@triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a persistent loop's tile index, GROUP_M row tiles at a time (L2 reuse of B)."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
 def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset, rows_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -318,25 +347,20 @@ def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset
     at rows[m], GATHER_B reads reduction row k of B at rows[k], SCATTER_C writes row m of C at rows[m].
     The linear cross-entropy reads and writes the labelled rows of hidden / its gradient in place this
     way instead of through compacted (N, H) copies."""
-    limit = tl.load(limit_ptr).to(tl.int64) - limit_offset
     m_end = M
     k_end = K
     if LIMIT_M:
-        m_end = tl.maximum(tl.minimum(M, limit), 0).to(tl.int32)
+        m_end = _bound(limit_ptr, limit_offset, M)
     if LIMIT_K:
-        k_end = tl.maximum(tl.minimum(K, limit), 0).to(tl.int32)   # an empty reduction leaves C untouched
+        k_end = _bound(limit_ptr, limit_offset, K)   # an empty reduction leaves C untouched
     num_m = tl.cdiv(m_end, BM)
     num_n = tl.cdiv(N, BN)
     tiles = num_m * num_n
     if LIMIT_K:
         tiles = tl.where(k_end > 0, tiles, 0)
-    group = GROUP_M * num_n
     rk = tl.arange(0, BK)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        first_m = (tile // group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group) % size_m
-        pid_n = (tile % group) // size_m
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
         # rows and columns wrap (% M, % N) instead of masking the loads: what they read is never stored
         rm = (pid_m.to(tl.int64) * BM + tl.arange(0, BM)) % M
         rn = (pid_n.to(tl.int64) * BN + tl.arange(0, BN)) % N
@@ -372,3 +396,220 @@ def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset
         if ACCUMULATE:
             acc += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+# ------------------------------------------------- online linear cross-entropy (frozen head, vocabulary slices)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x, APPROX: tl.constexpr):
+    """2**x. APPROX (compiled): one ex2.approx.ftz, without tl.exp2's subnormal fix-ups (3 more instructions
+    per value in the gradient GEMM's K-loop; a softmax numerator below 2**-126 is 0 in bf16 either way)."""
+    if APPROX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+# Per compacted row m, over the vocabulary in slices, with running max mx, l = sum exp(z - mx) and
+#     O[m] = sum_v c_v exp(z_v - mx) w_v      (c_v = dz_v/dx_v: 1, or 1 - (z_v / softcap)**2)
+# the input gradient is dh = scale * ((1 + 2 z_loss lse) / l * O - (1 - eps) c_y w_y - eps / V sum_v w_v):
+# two GEMMs over the labelled rows, like the chunked path, but only a (rows, slice) logits buffer and the
+# (rows, H) fp32 accumulator live at a time (flash-attention's rescaling, with w as both keys and values).
+@triton.jit
+def online_logits_kernel(h_ptr, w_ptr, bias_ptr, x_ptr, part_ptr, rows_ptr, labels_ptr, limit_ptr, limit_offset,
+                         M, H, V, v0, ns, n_tiles, stride_hm, stride_wv, stride_xm, softcap,
+                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ROUND: tl.constexpr,
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Logits x[m, n] = h[rows[m]] . w[v0 + n] (+ bias) of the slice's ns columns, for the chunk's rows
+    m < *limit_ptr - limit_offset, stored in x's dtype (ROUND: the statistics see the stored value, as
+    F.linear's logits); and per (row, BN-column tile t) the partials of z = softcap(x):
+    part[:, m, t] = (max z, sum exp(z - max), sum z, z[label]), part (4, M, n_tiles) fp32. h, w unit stride
+    along H."""
+    m_end = _bound(limit_ptr, limit_offset, M)
+    num_m = tl.cdiv(m_end, BM)
+    n_part = M * n_tiles
+    rk = tl.arange(0, BK)
+    for tile in range(tl.program_id(0), num_m * n_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, num_m, n_tiles, GROUP_M)
+        rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+        cn = pid_n * BN + tl.arange(0, BN)
+        # rows and columns wrap instead of masking the loads: what they read is never stored
+        a_ptrs = h_ptr + tl.load(rows_ptr + rm % M)[:, None] * stride_hm + rk[None, :]
+        b_ptrs = w_ptr + (v0 + cn % ns).to(tl.int64)[None, :] * stride_wv + rk[:, None]
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, H, BK):
+            kmask = k0 + rk < H
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            b_ptrs += BK
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + v0 + cn % ns).to(tl.float32)[None, :]
+        col_ok = (cn < ns)[None, :]
+        row_ok = rm < m_end
+        x = acc.to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + rm[:, None] * stride_xm + cn[None, :], x, mask=row_ok[:, None] & col_ok)
+        if ROUND:
+            acc = x.to(tl.float32)
+        z = acc
+        if HAS_SOFTCAP:
+            z = _softcap(acc, softcap)
+        zm = tl.where(col_ok, z, float("-inf"))
+        mx = tl.max(zm, 1)
+        s = tl.sum(tl.exp(zm - _finite_or_zero(mx)[:, None]), 1)
+        sz = tl.sum(tl.where(col_ok, z, 0.0), 1)
+        y = _class_column(tl.load(labels_ptr + rm % M), V)
+        zy = tl.sum(tl.where(col_ok & ((v0 + cn)[None, :] == y[:, None]), z, 0.0), 1)
+        p = part_ptr + rm * n_tiles + pid_n
+        tl.store(p, mx, mask=row_ok)
+        tl.store(p + n_part, s, mask=row_ok)
+        tl.store(p + n_part + n_part, sz, mask=row_ok)
+        tl.store(p + n_part + n_part + n_part, zy, mask=row_ok)
+
+
+@triton.jit
+def online_grad_kernel(x_ptr, w_ptr, o_ptr, part_ptr, stats_ptr, limit_ptr, limit_offset, M, H, v0, ns, n_tiles,
+                       src, stride_xm, stride_wv, stride_om, softcap,
+                       FIRST: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, NT_STEP: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One slice's step of the online softmax of the chunk's rows. The running (max, sum exp, sum z,
+    z[label]) per row are read from stats[src] (stats (2, 4, M) fp32; none when FIRST) and, merged with
+    the slice's partials, written to stats[1 - src] by the programs of the first H tile (every program of
+    a row block computes the same values). COMPUTE_GRAD:
+        O = alpha * O + P @ w[v0:v0 + ns],  P = c * exp(z - new max),  alpha = exp(old max - new max)
+    with O (M, H) fp32 (not read when FIRST) and P formed in registers from the stored logits x."""
+    m_end = _bound(limit_ptr, limit_offset, M)
+    num_m = tl.cdiv(m_end, BM)
+    num_n = 1
+    if COMPUTE_GRAD:
+        num_n = tl.cdiv(H, BN)
+    n_part = M * n_tiles
+    t = tl.arange(0, NT_STEP)
+    rk = tl.arange(0, BK)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+        rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+        row_ok = rm < m_end
+        part_row = part_ptr + (rm % M)[:, None] * n_tiles
+        old = stats_ptr + src * 4 * M + rm % M
+        if FIRST:
+            m_old = tl.full((BM,), float("-inf"), tl.float32)
+        else:
+            m_old = tl.load(old)
+        m_new = m_old
+        for t0 in range(0, n_tiles, NT_STEP):   # NT_STEP tiles at a time: few registers before the K-loop
+            tmask = row_ok[:, None] & (t0 + t[None, :] < n_tiles)
+            m_new = tl.maximum(m_new, tl.max(tl.load(part_row + t0 + t[None, :], mask=tmask, other=float("-inf")), 1))
+        ref = _finite_or_zero(m_new)
+        # a row whose max so far is -inf has l = 0 and O = 0 (every term was exp(-inf))
+        alpha = tl.where(m_old == float("-inf"), 0.0, tl.exp(m_old - ref))
+        if pid_n == 0:
+            l_new = tl.zeros((BM,), tl.float32)
+            sz = tl.zeros((BM,), tl.float32)
+            zy = tl.zeros((BM,), tl.float32)
+            for t0 in range(0, n_tiles, NT_STEP):
+                tmask = row_ok[:, None] & (t0 + t[None, :] < n_tiles)
+                pt = part_row + t0 + t[None, :]
+                mt = tl.load(pt, mask=tmask, other=float("-inf"))
+                l_new += tl.sum(tl.load(pt + n_part, mask=tmask, other=0.0) * tl.exp(mt - ref[:, None]), 1)
+                sz += tl.sum(tl.load(pt + 2 * n_part, mask=tmask, other=0.0), 1)
+                zy += tl.sum(tl.load(pt + 3 * n_part, mask=tmask, other=0.0), 1)
+            if not FIRST:
+                l_new += alpha * tl.load(old + M)
+                sz += tl.load(old + 2 * M)
+                zy += tl.load(old + 3 * M)
+            new = stats_ptr + (1 - src) * 4 * M + rm
+            tl.store(new, m_new, mask=row_ok)
+            tl.store(new + M, l_new, mask=row_ok)
+            tl.store(new + 2 * M, sz, mask=row_ok)
+            tl.store(new + 3 * M, zy, mask=row_ok)
+        if COMPUTE_GRAD:
+            rn = pid_n * BN + tl.arange(0, BN)
+            x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :]
+            w_ptrs = w_ptr + (v0 + rk).to(tl.int64)[:, None] * stride_wv + (rn % H)[None, :]
+            # the rescaled O is the accumulator's initial value: nothing else is live beside it after the K-loop
+            o_ptrs = o_ptr + rm[:, None] * stride_om + rn[None, :]
+            omask = row_ok[:, None] & (rn < H)[None, :]
+            if FIRST:
+                acc = tl.zeros((BM, BN), tl.float32)
+            else:
+                acc = alpha[:, None] * tl.load(o_ptrs, mask=omask, other=0.0)
+            ref2 = ref * LOG2E
+            for k0 in range(0, ns, BK):
+                kmask = k0 + rk < ns
+                if EVEN_K:   # every slice of a real vocabulary (a multiple of 64): no masks in the K-loop
+                    z = tl.load(x_ptrs).to(tl.float32)
+                    b = tl.load(w_ptrs)
+                else:
+                    z = tl.load(x_ptrs, mask=kmask[None, :], other=0.0).to(tl.float32)
+                    b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+                if HAS_SOFTCAP:
+                    z = _softcap(z, softcap)
+                p = _exp2(z * LOG2E - ref2[:, None], not UPCAST)
+                if HAS_SOFTCAP:
+                    u = z / softcap
+                    p = p * (1.0 - u * u)
+                if not EVEN_K:
+                    p = tl.where(kmask[None, :], p, 0.0)
+                if UPCAST:
+                    b = b.to(tl.float32)
+                else:
+                    p = p.to(b.dtype)
+                if IEEE:
+                    acc = tl.dot(p, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(p, b, acc)
+                x_ptrs += BK
+                w_ptrs += BK * stride_wv
+            tl.store(o_ptrs, acc, mask=omask)
+
+
+@triton.jit
+def online_finish_kernel(o_ptr, stats_ptr, w_ptr, colsum_ptr, labels_ptr, rows_ptr, grad_ptr, loss_ptr, lse_ptr,
+                         gscale_ptr, count_ptr, limit_ptr, limit_offset, M, V, H, src, stride_om, stride_wv,
+                         stride_gm, smoothing, z_loss, softcap,
+                         COMPUTE_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COLSUM: tl.constexpr,
+                         HAS_GSCALE: tl.constexpr, MEAN: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One compacted row m < *limit_ptr - limit_offset: loss and lse from stats[src], and (COMPUTE_GRAD)
+    the input-gradient row written to grad[rows[m]] (see the section comment; colsum = sum_v w_v in fp32,
+    used when label smoothing is on, which the caller allows only without softcap)."""
+    m = tl.program_id(0)
+    if m < _bound(limit_ptr, limit_offset, M):
+        st = stats_ptr + src * 4 * M + m
+        l = tl.load(st + M)
+        zy = tl.load(st + 3 * M)
+        lse = _finite_or_zero(tl.load(st)) + tl.log(l)
+        y = tl.load(labels_ptr + m)
+        tl.store(loss_ptr + m, _row_loss(lse, tl.load(st + 2 * M), zy, y, V, smoothing, z_loss))
+        tl.store(lse_ptr + m, lse)
+        if COMPUTE_GRAD:
+            scale = _row_scale(gscale_ptr, 1, count_ptr, m, HAS_GSCALE, MEAN)
+            yc = _class_column(y, V)
+            c_y = 1.0 - smoothing
+            if HAS_SOFTCAP:
+                u = zy / softcap
+                c_y = c_y * (1.0 - u * u)
+            c_o = scale * (1.0 + 2.0 * z_loss * lse) / l
+            c_y = tl.where(yc >= 0, scale * c_y, 0.0)   # a label outside [0, V) reads row 0, weighted 0
+            w_y = w_ptr + tl.maximum(yc, 0).to(tl.int64) * stride_wv
+            grad_row = grad_ptr + tl.load(rows_ptr + m) * stride_gm
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                cm = cols < H
+                g = c_o * tl.load(o_ptr + m.to(tl.int64) * stride_om + cols, mask=cm, other=0.0)
+                g -= c_y * tl.load(w_y + cols, mask=cm, other=0.0).to(tl.float32)
+                if HAS_COLSUM:
+                    g -= (scale * smoothing / V) * tl.load(colsum_ptr + cols, mask=cm, other=0.0)
+                tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cm)

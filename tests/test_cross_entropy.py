@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_kernels import _backend
-from qlora_kernels.kernels.cross_entropy import MM_ACC_CONFIGS, MM_CONFIGS, MM_DGRAD_CONFIGS
+from qlora_kernels.kernels.cross_entropy import (MM_ACC_CONFIGS, MM_CONFIGS, MM_DGRAD_CONFIGS, ONLINE_GRAD_CONFIGS,
+                                                 ONLINE_GRAD_NARROW_CONFIGS, ONLINE_LOGITS_CONFIGS)
 from qlora_kernels.ops import cross_entropy as ops
 from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
 from qlora_kernels.reference import cross_entropy as ref
@@ -408,6 +409,82 @@ def test_linear_launches_no_chunk_past_a_known_count(device, monkeypatch):
         assert calls == ["fwd", "dgrad", "acc"], calls      # one chunk: logits, input and weight gradients
 
 
+ONLINE_CASES = {
+    "all": dict(frac=1.0),
+    "3pct": dict(frac=0.03),
+    "none-labelled": dict(frac=0.0),
+    "none-smoothing-bias": dict(reduction="none", label_smoothing=0.1, bias=True),
+    "sum-zloss-softcap-H200": dict(reduction="sum", z_loss=1e-3, softcap=5.0, H=200),
+    "bf16-smoothing": dict(dtype=torch.bfloat16, label_smoothing=0.1),
+    "fp16-none-bias": dict(dtype=torch.float16, bias=True, reduction="none"),
+}
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("case", ONLINE_CASES.values(), ids=ONLINE_CASES.keys())
+def test_linear_online_mode(case, device, monkeypatch):
+    """QLORA_KERNELS_CE_LINEAR=online, a frozen head over vocabulary slices: 72 rows in chunks of 16 (one
+    partly labelled, the trailing ones past the count), V = 1000 in slices of 384 (the last partial), every
+    option; loss and input gradient against the fp32 reference."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", "online")
+    monkeypatch.setenv("QLORA_KERNELS_CE_SLICE_V", "384")
+    calls = _spy(monkeypatch, "_linear_ce_online")
+    case = dict(case)
+    dtype, frac, H = case.pop("dtype", torch.float32), case.pop("frac", 0.5), case.pop("H", 32)
+    budget = 16 * (384 * dtype.itemsize + 4 * H)
+    _check_linear(72, H, 1000, frac, dtype, "triton", device, frozen=True, chunk_bytes=budget, **case)
+    assert calls, "the online path did not run"
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_online_mode_falls_back(device, monkeypatch):
+    """What the online mode cannot serve runs the chunked path, correctly: a trainable head (its gradient
+    needs each row's final softmax) and label smoothing together with softcap."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", "online")
+    calls = _spy(monkeypatch, "_linear_ce_online")
+    _check_linear(40, 32, 300, 0.5, torch.float32, "triton", device, bias=True, chunk_bytes=16 * 300 * 4)
+    _check_linear(40, 32, 300, 0.5, torch.float32, "triton", device, frozen=True, label_smoothing=0.1, softcap=5.0)
+    assert not calls
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", "sliced")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_CE_LINEAR"):
+        ops._online_mode(False, False, 0.0, None)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_online_memory_within_budget(device, monkeypatch):
+    """The online mode's working buffers, the (rows, slice) logits and the (rows, H) fp32 accumulator, fit
+    in chunk_bytes together, and nothing (rows, V) exists: beside the (N, H) gradient it returns, every 2-D
+    allocation is smaller than the budget."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", "online")
+    monkeypatch.setenv("QLORA_KERNELS_CE_SLICE_V", "256")
+    n, H, V = 256, 64, 1000
+    budget = 8 * (256 * 4 + 64 * 4)
+    h = torch.randn(n, H, device=device)
+    w = torch.randn(V, H, device=device) / 8
+    labels = _labels(n, V, 0.5, device=device)
+    with _RecordAllocations() as rec:
+        loss, grad_h, _, _ = ops._linear_ce_triton(h, w, None, labels, None, (-100, 0.0, 0.0, None), True,
+                                                   True, False, False, budget)
+    two_d = [s for s in rec.shapes if len(s) == 2 and s != (n, H)]
+    assert (8, 256) in two_d and (8, H) in two_d, two_d
+    assert sum(r * c * 4 for r, c in {(8, 256), (8, H)}) <= budget
+    assert all(r * c * 4 <= budget for r, c in two_d) and not any(V in s for s in rec.shapes), rec.shapes
+    assert ops.online_ce_sizes(128256, 3072, torch.bfloat16, 12 << 20, 32768, 8192) == (384, 8192)
+    assert ops.online_ce_sizes(1000, 64, torch.float32, 1, 5, 8192) == (1, 1000)
+    ref_h = h.clone().requires_grad_()
+    expected = F.cross_entropy(ref_h @ w.t(), labels, reduction="none")
+    expected.sum().div((labels != -100).sum()).backward()
+    assert_close(loss, expected.detach(), atol=1e-4, rtol=1e-4, msg="loss")
+    assert_close(grad_h, ref_h.grad, atol=1e-6, rtol=1e-4, msg="grad hidden")
+
+
 def test_linear_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
     with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):
@@ -495,10 +572,14 @@ def test_nn_modules_and_compile():
 
 
 # ------------------------------------------------------------------------------------------ GPU
+LINEAR_PATHS = [(gemm, "chunk") for gemm in ops.GEMMS] + [("triton", "online")]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("gemm", ops.GEMMS)
-def test_cuda_no_host_sync_and_large_vocab(gemm, monkeypatch):
+@pytest.mark.parametrize("gemm,linear", LINEAR_PATHS)
+def test_cuda_no_host_sync_and_large_vocab(gemm, linear, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", linear)
     V = 128256
     logits = torch.randn(64, V, device="cuda", dtype=torch.bfloat16) * 3
     labels = _labels(64, V, 0.5, device="cuda")
@@ -516,14 +597,18 @@ def test_cuda_no_host_sync_and_large_vocab(gemm, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     _check_ce(logits.detach(), labels, "triton", label_smoothing=0.1, z_loss=1e-4)
     _check_linear(300, 128, V, 0.04, torch.bfloat16, "triton", "cuda", frozen=True)
+    # chunks of 64 rows, 16 vocabulary slices each in the online mode
+    _check_linear(300, 128, V, 0.5, torch.bfloat16, "triton", "cuda", frozen=True, label_smoothing=0.1,
+                  chunk_bytes=64 * (8192 * 2 + 128 * 4))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("gemm", ops.GEMMS)
-def test_cuda_graph_replay(gemm, monkeypatch):
+@pytest.mark.parametrize("gemm,linear", LINEAR_PATHS)
+def test_cuda_graph_replay(gemm, linear, monkeypatch):
     """Both ops, forward and backward, captured once and replayed on new logits, hidden states and labels
     (another labelled count: it must be read on the device at replay, not baked in at capture)."""
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
+    monkeypatch.setenv("QLORA_KERNELS_CE_LINEAR", linear)
     V = 32003
     logits = (torch.randn(64, V, device="cuda") * 3).bfloat16().requires_grad_()
     labels = _labels(64, V, 0.5, device="cuda")
@@ -678,14 +763,52 @@ def _mm_cases():
     return cases
 
 
+def _online_cases(arch):
+    """The online linear cross-entropy's three kernels as launched for bf16; the gradient GEMM with and
+    without softcap (its own tile)."""
+    mod = "qlora_kernels.kernels.cross_entropy"
+    cases = []
+    grad_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "o_ptr": "*fp32", "part_ptr": "*fp32", "stats_ptr": "*fp32",
+                "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32", "H": "i32", "v0": "i32", "ns": "i32",
+                "n_tiles": "i32", "src": "i32", "stride_xm": "i64", "stride_wv": "i64", "stride_om": "i64",
+                "softcap": "fp32"}
+    grad_consts = {"FIRST": False, "COMPUTE_GRAD": True, "EVEN_K": True, "NT_STEP": 8}
+    for kernel, table, sig, consts, softcap in (
+        ("online_logits_kernel", ONLINE_LOGITS_CONFIGS,
+         {"h_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "x_ptr": "*bf16", "part_ptr": "*fp32",
+          "rows_ptr": "*i64", "labels_ptr": "*i64", "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32",
+          "H": "i32", "V": "i32", "v0": "i32", "ns": "i32", "n_tiles": "i32", "stride_hm": "i64", "stride_wv": "i64",
+          "stride_xm": "i64", "softcap": "fp32"}, {"HAS_BIAS": True, "ROUND": True}, True),
+        ("online_grad_kernel", ONLINE_GRAD_CONFIGS, dict(grad_sig), grad_consts, False),
+        ("online_grad_kernel", ONLINE_GRAD_NARROW_CONFIGS, dict(grad_sig), grad_consts, True)):
+        cfg = dict(table[arch // 10])
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = {**consts, "HAS_SOFTCAP": softcap, "UPCAST": False, "IEEE": False, **cfg}
+        sig.update(dict.fromkeys(consts, "constexpr"))
+        aligned = tuple(n for n, t in sig.items()
+                        if t.startswith("*") or n in ("M", "H", "v0", "ns") or n.startswith("stride"))
+        cases.append(CompileCase(mod, kernel, sig, consts, num_warps=warps, num_stages=stages, aligned=aligned))
+    sig = {"o_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "colsum_ptr": "*fp32", "labels_ptr": "*i64",
+           "rows_ptr": "*i64", "grad_ptr": "*bf16", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "gscale_ptr": "*fp32",
+           "count_ptr": "*i32", "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32", "V": "i32", "H": "i32",
+           "src": "i32", "stride_om": "i64", "stride_wv": "i64", "stride_gm": "i64", "smoothing": "fp32",
+           "z_loss": "fp32", "softcap": "fp32"}
+    consts = {"COMPUTE_GRAD": True, "HAS_SOFTCAP": True, "HAS_COLSUM": True, "HAS_GSCALE": True, "MEAN": True,
+              "BLOCK_H": 1024}
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    cases.append(CompileCase(mod, "online_finish_kernel", sig, consts, num_warps=4, num_stages=1))
+    return cases
+
+
 @pytest.mark.slow   # compile-only: CI runs it; the GPU run (-m 'not slow') needs no repeat
 def test_compiles_for_gpu_without_spills():
     reports = compile_for_gpu(_ce_cases(), archs=(90,)) + compile_for_gpu(_ce_cases()[:1], archs=(80,))
     for arch in (80, 90):
         reports += compile_for_gpu([c for a, c in _mm_cases() if a == arch], archs=(arch,))
+        reports += compile_for_gpu(_online_cases(arch), archs=(arch,))
     print("\n".join(str(r) for r in reports))
     for r in reports:
         assert_no_spills(r)
-    gemms = [r for r in reports if r["label"].startswith("bounded_matmul")]
+    gemms = [r for r in reports if r["label"].startswith(("bounded_matmul", "online_logits", "online_grad"))]
     assert all(r["hgmma"] > 0 for r in gemms if r["arch"] == 90), gemms
     assert all(r["hmma"] > 0 for r in gemms if r["arch"] == 80), gemms

@@ -195,11 +195,16 @@ def _capability_major(device):
     return torch.cuda.get_device_capability(device)[0]
 
 
+def _mm_arch(device):
+    """The key of the GEMM config tables: 9 (Hopper and later) or 8."""
+    return 9 if _capability_major(device) >= 9 else 8
+
+
 def _mm_config(device, kind):
     if _backend.interpreting():
         return kernels.MM_INTERPRET_CONFIG
     table = {"acc": kernels.MM_ACC_CONFIGS, "dgrad": kernels.MM_DGRAD_CONFIGS}.get(kind, kernels.MM_CONFIGS)
-    return table[9 if _capability_major(device) >= 9 else 8]
+    return table[_mm_arch(device)]
 
 
 def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, bias=None, accumulate=False,
@@ -411,17 +416,41 @@ def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
 
 
 # ------------------------------------------------------------------------------ linear cross-entropy
-def linear_ce_chunk_rows(V, dtype, chunk_bytes, n_rows, cpu=False):
-    """Rows of compacted tokens per chunk: the chunk's logits (plus, on the CPU path, its fp32
-    temporaries) fit in `chunk_bytes`; a multiple of 128 when that many fit; at least 1."""
-    per_row = V * (12 if cpu else torch.empty(0, dtype=dtype).element_size())
-    rows = max(1, int(chunk_bytes) // per_row)
+def _rows_within(row_bytes, chunk_bytes, n_rows):
+    """Rows of `row_bytes` each that fit in `chunk_bytes`: a multiple of 128 when that many fit, at least 1,
+    at most n_rows."""
+    rows = max(1, int(chunk_bytes) // row_bytes)
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(rows, n_rows))
 
 
+def linear_ce_chunk_rows(V, dtype, chunk_bytes, n_rows, cpu=False):
+    """Rows of compacted tokens per chunk: the chunk's logits (plus, on the CPU path, its fp32
+    temporaries) fit in `chunk_bytes`."""
+    return _rows_within(V * (12 if cpu else dtype.itemsize), chunk_bytes, n_rows)
+
+
+def online_ce_sizes(V, H, dtype, chunk_bytes, n_rows, slice_v):
+    """(rows, columns) of the online mode's chunk: its (rows, columns) logits slice in `dtype` and its
+    (rows, H) fp32 gradient accumulator fit in `chunk_bytes` together."""
+    cols = min(slice_v, V)
+    return _rows_within(cols * dtype.itemsize + 4 * H, chunk_bytes, n_rows), cols
+
+
 GEMMS = ("triton", "grouped")
+LINEAR_MODES = ("chunk", "online")
+
+
+def _online_mode(need_w, need_b, smoothing, softcap):
+    """QLORA_KERNELS_CE_LINEAR=online: the linear variant over vocabulary slices (_linear_ce_online) instead
+    of (rows, V) logits chunks. Opt-in until a GPU run has measured it. It serves a frozen head (no weight
+    or bias gradient: those need each row's final softmax) and not label smoothing together with softcap
+    (that smoothing term would need a second accumulator); otherwise the chunked path runs."""
+    mode = os.environ.get("QLORA_KERNELS_CE_LINEAR", "chunk")
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"QLORA_KERNELS_CE_LINEAR={mode!r}: expected one of {LINEAR_MODES}")
+    return mode == "online" and not need_w and not need_b and not (softcap and smoothing > 0)
 
 
 def _grouped_gemms(h, w, b):
@@ -469,8 +498,25 @@ class _CountOnHost:
 
 
 def _alloc_chunk(rows, V, dtype, device):
-    """The linear variant's one (rows, V) logits buffer (a function so tests can watch its size)."""
+    """The linear variant's one logits buffer, (rows, V) or (rows, slice) in the online mode (a function so
+    tests can watch its size)."""
     return torch.empty((rows, V), dtype=dtype, device=device)
+
+
+def _compact(labels, ignore_index):
+    """The labelled rows, compacted on the device with no host sync: (count (1,) int32, idx (N,) int64 the
+    original row of each compacted position, back (N,) the same with N (drop) past the count, and the
+    compacted labels, ignore_index past the count). Positions >= count hold row 0 and are never used. The
+    GEMMs read hidden's labelled rows and write their gradient rows through idx: no compacted copies. A
+    function so its (N,) temporaries are freed before the chunk buffers exist."""
+    N = labels.shape[0]
+    valid = labels != ignore_index
+    count = valid.sum(dtype=torch.int32).reshape(1)
+    target = torch.where(valid, valid.cumsum(0) - 1, N)
+    ar = torch.arange(N, device=labels.device)
+    idx = torch.zeros(N + 1, dtype=torch.int64, device=labels.device).scatter_(0, target, ar)[:N]
+    live = ar < count
+    return count, idx, torch.where(live, idx, N), torch.where(live, labels[idx], ignore_index)
 
 
 def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
@@ -479,22 +525,17 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     N, H = h.shape
     V = w.shape[0]
     dev = h.device
-    valid = labels != ignore_index
-    count = valid.sum(dtype=torch.int32).reshape(1)
-    # compaction on the device: labelled rows first, in order; positions >= count hold row 0 and are never used.
-    # The GEMMs read hidden's labelled rows and write their gradient rows through idx: no compacted copies.
-    pos = valid.cumsum(0) - 1
-    target = torch.where(valid, pos, N)
-    ar = torch.arange(N, device=dev)
-    idx = torch.zeros(N + 1, dtype=torch.int64, device=dev).scatter_(0, target, ar)[:N]
-    live = ar < count
-    back = torch.where(live, idx, N)                      # compacted position -> original row (N: drop)
-    lab_c = torch.where(live, labels[idx], ignore_index)
+    count, idx, back, lab_c = _compact(labels, ignore_index)
     gs_c = None if gscale is None else gscale[idx].float().contiguous()
+    loss_c = torch.empty(N, dtype=torch.float32, device=dev)
+    counted = _CountOnHost(count)
+    if _online_mode(need_w, need_b, smoothing, softcap):
+        grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None
+        _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes)
+        return torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N], grad_h, None, None
     R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
     grouped = _grouped_gemms(h, w, b)
     buf = None if grouped else _alloc_chunk(R, V, h.dtype, dev)   # grouped: each chunk's GEMM output
-    loss_c = torch.empty(N, dtype=torch.float32, device=dev)
     lse_c = torch.empty(N, dtype=torch.float32, device=dev)
     # unlabelled rows stay 0; the grouped path scatters whole chunks, its dead rows into the extra row N
     grad_h = torch.zeros((N + grouped, H), dtype=h.dtype, device=dev) if need_h else None
@@ -502,7 +543,6 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
     wt = w.t()
-    counted = _CountOnHost(count)
     for s in range(0, N, R):
         if counted.past(s):
             break
@@ -528,6 +568,67 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
                                                           BLOCK_C=256)
     loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
     return loss, grad_h[:N] if need_h else None, grad_w, grad_b
+
+
+def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes):
+    """The frozen-head linear cross-entropy over vocabulary slices (kernels: online_*): per chunk of
+    compacted rows and per slice, a logits GEMM with a statistics epilogue and a gradient GEMM that folds
+    the slice into the running softmax and its fp32 (rows, H) accumulator; then one finishing pass per
+    chunk. Same two GEMMs over the labelled rows as the chunked path, but the working memory is a (rows,
+    slice) logits buffer plus the accumulator, both within chunk_bytes, and no separate cross-entropy
+    pass over the logits. Fills loss_c (per compacted row) and grad_h's labelled rows."""
+    ignore_index, smoothing, z_loss, softcap = opts
+    softcap = softcap or None
+    N, H = h.shape
+    V = w.shape[0]
+    dev = h.device
+    slice_v = int(os.environ.get("QLORA_KERNELS_CE_SLICE_V", kernels.ONLINE_SLICE_V))   # env: benchmark sweeps
+    R, NS = online_ce_sizes(V, H, h.dtype, chunk_bytes, max(N, 1), slice_v)
+    interp = _backend.interpreting()
+    cfg1 = dict(kernels.MM_INTERPRET_CONFIG if interp else kernels.ONLINE_LOGITS_CONFIGS[_mm_arch(dev)])
+    cfg2 = kernels.MM_INTERPRET_CONFIG
+    if not interp:   # 64-row tiles with softcap (128 spill) and where 128-row tiles leave SMs idle (few rows)
+        cfg2 = kernels.ONLINE_GRAD_CONFIGS[_mm_arch(dev)]
+        if softcap or _backend.cdiv(R, cfg2["BM"]) * _backend.cdiv(H, cfg2["BN"]) < _num_sms(dev):
+            cfg2 = kernels.ONLINE_GRAD_NARROW_CONFIGS[_mm_arch(dev)]
+    cfg2 = dict(cfg2)
+    n_tiles_max = _backend.cdiv(NS, cfg1["BN"])
+    nt_step = min(8, _backend.next_power_of_2(n_tiles_max))   # partials read per step by the gradient GEMM
+    grad = grad_h is not None
+    x = _alloc_chunk(R, NS, h.dtype, dev)
+    o = torch.empty((R, H), dtype=torch.float32, device=dev) if grad else x
+    part = torch.empty((4, R, n_tiles_max), dtype=torch.float32, device=dev)
+    stats = torch.empty((2, 4, R), dtype=torch.float32, device=dev)
+    lse_c = torch.empty(N, dtype=torch.float32, device=dev)
+    colsum = torch.sum(w, 0, dtype=torch.float32) if grad and smoothing > 0 else None
+    lowp = h.dtype != torch.float32
+    flags = dict(HAS_SOFTCAP=softcap is not None, UPCAST=interp, IEEE=not lowp)
+    sc = _softcap_value(softcap)
+    programs = (lambda tiles: tiles) if interp else (lambda tiles: min(tiles, _num_sms(dev)))
+    slices = range(0, V, NS)
+    for s in range(0, N, R):
+        if counted.past(s):
+            break
+        r = min(R, N - s)
+        rows, labels = idx[s:s + r], lab_c[s:s + r]
+        for j, v0 in enumerate(slices):
+            ns = min(NS, V - v0)
+            n_tiles = _backend.cdiv(ns, cfg1["BN"])
+            kernels.online_logits_kernel[(programs(_backend.cdiv(r, cfg1["BM"]) * n_tiles),)](
+                h, w, b if b is not None else w, x, part, rows, labels, count, s, r, H, V, v0, ns, n_tiles,
+                h.stride(0), w.stride(0), x.stride(0), sc, HAS_BIAS=b is not None, ROUND=lowp and not interp,
+                **flags, **cfg1)
+            n_h = _backend.cdiv(H, cfg2["BN"]) if grad else 1
+            kernels.online_grad_kernel[(programs(_backend.cdiv(r, cfg2["BM"]) * n_h),)](
+                x, w, o, part, stats, count, s, r, H, v0, ns, n_tiles, j % 2, x.stride(0), w.stride(0),
+                o.stride(0), sc, FIRST=j == 0, COMPUTE_GRAD=grad, EVEN_K=ns % cfg2["BK"] == 0, NT_STEP=nt_step,
+                **flags, **cfg2)
+        kernels.online_finish_kernel[(r,)](
+            o, stats, w, colsum if colsum is not None else o, labels, rows, grad_h if grad else o, loss_c[s:s + r],
+            lse_c[s:s + r], gs_c[s:s + r] if gs_c is not None else o, count, count, s, r, V, H, len(slices) % 2,
+            o.stride(0), w.stride(0), grad_h.stride(0) if grad else 0, smoothing, z_loss, sc, COMPUTE_GRAD=grad,
+            HAS_SOFTCAP=softcap is not None, HAS_COLSUM=colsum is not None, HAS_GSCALE=gs_c is not None, MEAN=mean,
+            BLOCK_H=min(kernels.ONLINE_FINISH_BLOCK_H, _backend.next_power_of_2(H)))
 
 
 def _linear_ce_cpu(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
