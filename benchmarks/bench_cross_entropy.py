@@ -148,9 +148,9 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
             labels = _labels(N, V, frac, dev)
             n_lab = round(frac * N)
             flops = 4.0 * n_lab * H * V
-            def ours():
+            def ours(chunk_bytes=128 << 20):
                 h.grad = None
-                fused_linear_cross_entropy(h, w, labels).backward()
+                fused_linear_cross_entropy(h, w, labels, chunk_bytes=chunk_bytes).backward()
 
             def liger_fn():
                 h.grad = None
@@ -169,6 +169,14 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 # of chunk rows rather than rows x column chunks (dead chunks past the labelled count are cheaper)
                 providers.append(("ours[row ce]", _with_env({"QLORA_KERNELS_CE_MODE": "row"}, ours)))
                 providers.append(("ours[cluster ce]", _with_env({"QLORA_KERNELS_CE_MODE": "cluster"}, ours)))
+                # vocabulary slices (frozen head): a (rows, 8192) logits buffer + a (rows, H) fp32 accumulator
+                # within the budget; 8 MB (~9 MB with the O(N) index vectors at 32768 tokens) is the "< 5 % of
+                # Liger's working memory" configuration (Liger's (1024, V) bf16 logits chunk alone is 263 MB)
+                online = {"QLORA_KERNELS_CE_LINEAR": "online"}
+                providers.append(("ours[online]", _with_env(online, ours)))
+                providers.append(("ours[online 8MB]", _with_env(online, lambda: ours(8 << 20))))
+                providers.append(("ours[online 8MB slice 4096]", _with_env(
+                    {**online, "QLORA_KERNELS_CE_SLICE_V": "4096"}, lambda: ours(8 << 20))))
                 g = torch.randn(N, V, device=dev, dtype=dtype) if N * V * 2 < 12e9 else None
                 if g is not None and frac == 1.0:
                     providers.append(("cublas-2gemm", lambda: (h @ w.t(), g @ w)))
