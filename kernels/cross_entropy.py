@@ -425,8 +425,8 @@ def online_logits_kernel(h_ptr, w_ptr, bias_ptr, x_ptr, part_ptr, rows_ptr, labe
                          UPCAST: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """Logits x[m, n] = h[rows[m]] . w[v0 + n] (+ bias) of the slice's ns columns, for the chunk's rows
-    m < *limit_ptr - limit_offset, stored in x's dtype (ROUND: the statistics see the stored value, as
-    F.linear's logits); and per (row, BN-column tile t) the partials of z = softcap(x):
+    m < *limit_ptr - limit_offset, stored in x's dtype (ROUND, fp16/bf16: the statistics see the stored
+    value, as F.linear's logits, and the same value the gradient GEMM reads back); and per (row, BN-column tile t) the partials of z = softcap(x):
     part[:, m, t] = (max z, sum exp(z - max), sum z, z[label]), part (4, M, n_tiles) fp32. h, w unit stride
     along H."""
     m_end = _bound(limit_ptr, limit_offset, M)

@@ -431,11 +431,13 @@ def linear_ce_chunk_rows(V, dtype, chunk_bytes, n_rows, cpu=False):
     return _rows_within(V * (12 if cpu else dtype.itemsize), chunk_bytes, n_rows)
 
 
-def online_ce_sizes(V, H, dtype, chunk_bytes, n_rows, slice_v):
-    """(rows, columns) of the online mode's chunk: its (rows, columns) logits slice in `dtype` and its
-    (rows, H) fp32 gradient accumulator fit in `chunk_bytes` together."""
+def online_ce_sizes(V, H, dtype, chunk_bytes, n_rows, slice_v, tile_v=128):
+    """(rows, columns) of the online mode's chunk: its (rows, columns) logits slice in `dtype`, its (rows, H)
+    fp32 gradient accumulator and its per-row statistics (4 fp32 per tile_v-column tile, 2 x 4 running) fit
+    in `chunk_bytes` together."""
     cols = min(slice_v, V)
-    return _rows_within(cols * dtype.itemsize + 4 * H, chunk_bytes, n_rows), cols
+    row_bytes = cols * dtype.itemsize + 4 * H + 16 * _backend.cdiv(cols, tile_v) + 32
+    return _rows_within(row_bytes, chunk_bytes, n_rows), cols
 
 
 GEMMS = ("triton", "grouped")
@@ -583,9 +585,11 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
     V = w.shape[0]
     dev = h.device
     slice_v = int(os.environ.get("QLORA_KERNELS_CE_SLICE_V", kernels.ONLINE_SLICE_V))   # env: benchmark sweeps
-    R, NS = online_ce_sizes(V, H, h.dtype, chunk_bytes, max(N, 1), slice_v)
+    if slice_v <= 0:
+        raise ValueError(f"QLORA_KERNELS_CE_SLICE_V={slice_v}: expected a positive number of vocabulary columns")
     interp = _backend.interpreting()
     cfg1 = dict(kernels.MM_INTERPRET_CONFIG if interp else kernels.ONLINE_LOGITS_CONFIGS[_mm_arch(dev)])
+    R, NS = online_ce_sizes(V, H, h.dtype, chunk_bytes, max(N, 1), slice_v, cfg1["BN"])
     cfg2 = kernels.MM_INTERPRET_CONFIG
     if not interp:   # 64-row tiles with softcap (128 spill) and where 128-row tiles leave SMs idle (few rows)
         cfg2 = kernels.ONLINE_GRAD_CONFIGS[_mm_arch(dev)]
@@ -616,7 +620,7 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
             n_tiles = _backend.cdiv(ns, cfg1["BN"])
             kernels.online_logits_kernel[(programs(_backend.cdiv(r, cfg1["BM"]) * n_tiles),)](
                 h, w, b if b is not None else w, x, part, rows, labels, count, s, r, H, V, v0, ns, n_tiles,
-                h.stride(0), w.stride(0), x.stride(0), sc, HAS_BIAS=b is not None, ROUND=lowp and not interp,
+                h.stride(0), w.stride(0), x.stride(0), sc, HAS_BIAS=b is not None, ROUND=lowp,
                 **flags, **cfg1)
             n_h = _backend.cdiv(H, cfg2["BN"]) if grad else 1
             kernels.online_grad_kernel[(programs(_backend.cdiv(r, cfg2["BM"]) * n_h),)](
@@ -759,6 +763,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     the extra memory does not grow with N x V. The gradients (computed in the forward pass) are for hidden,
     and for weight / bias only when they require grad (a frozen head costs no weight-gradient GEMM);
     weight and bias gradients accumulate in fp32. For 'none', backward recomputes the chunks.
+    With QLORA_KERNELS_CE_LINEAR=online a frozen head runs over vocabulary slices instead (an online softmax
+    with an fp32 (rows, H) gradient accumulator): `chunk_bytes` then bounds the (rows, slice) logits plus
+    that accumulator, and a few MB cost no extra GEMM work.
     """
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be torch.Tensors")
