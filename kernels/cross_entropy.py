@@ -331,6 +331,20 @@ def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b. UPCAST: fp32 operands (the interpreter's bf16 dot is broken); IEEE: fp32 inputs without
+    TF32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset, rows_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -376,13 +390,7 @@ def bounded_matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, limit_ptr, limit_offset
                     + rn[None, :] * stride_bn
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _mma(a, b, acc, UPCAST, IEEE)
             a_ptrs += BK * stride_ak
             b_ptrs += BK * stride_bk
         rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -445,13 +453,7 @@ def online_logits_kernel(h_ptr, w_ptr, bias_ptr, x_ptr, part_ptr, rows_ptr, labe
             kmask = k0 + rk < H
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _mma(a, b, acc, UPCAST, IEEE)
             a_ptrs += BK
             b_ptrs += BK
         if HAS_BIAS:
@@ -563,14 +565,9 @@ def online_grad_kernel(x_ptr, w_ptr, o_ptr, part_ptr, stats_ptr, limit_ptr, limi
                     p = p * (1.0 - u * u)
                 if not EVEN_K:
                     p = tl.where(kmask[None, :], p, 0.0)
-                if UPCAST:
-                    b = b.to(tl.float32)
-                else:
+                if not UPCAST:
                     p = p.to(b.dtype)
-                if IEEE:
-                    acc = tl.dot(p, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(p, b, acc)
+                acc = _mma(p, b, acc, UPCAST, IEEE)
                 x_ptrs += BK
                 w_ptrs += BK * stride_wv
             tl.store(o_ptrs, acc, mask=omask)

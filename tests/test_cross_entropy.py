@@ -496,12 +496,7 @@ def test_linear_online_memory_within_budget(device, monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_SLICE_V", "256")
     n, H, V = 256, 64, 1000
     budget = 8 * (256 * 4 + 64 * 4 + 16 * 2 + 32)   # 8 rows: logits, accumulator, partials of 2 tiles, stats
-    h = torch.randn(n, H, device=device)
-    w = torch.randn(V, H, device=device) / 8
-    labels = _labels(n, V, 0.5, device=device)
-    with _RecordAllocations() as rec:
-        loss, grad_h, _, _ = ops._linear_ce_triton(h, w, None, labels, None, (-100, 0.0, 0.0, None), True,
-                                                   True, False, False, budget)
+    rec, h, w, labels, loss, grad_h = _record_linear_call(device, n, H, V, budget)
     two_d = [s for s in rec.shapes if len(s) == 2 and s != (n, H)]
     assert (8, 256) in two_d and (8, H) in two_d, two_d
     assert sum(r * c * 4 for r, c in {(8, 256), (8, H)}) + 4 * 8 * 2 * 4 + 2 * 4 * 8 * 4 <= budget
@@ -536,17 +531,24 @@ class _RecordAllocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
-def test_linear_allocates_no_hidden_sized_copies(device):
-    """The device path reads the labelled rows of hidden and writes their gradient rows through an index:
-    beyond the (N, H) gradient it returns, its only large buffer is the (rows, V) logits chunk."""
-    n, H, V, budget = 256, 64, 1000, 8 * 1000 * 4
+def _record_linear_call(device, n, H, V, budget):
+    """The device path's loss and input gradient ('mean', half the rows labelled) with the shapes of every
+    tensor it allocated: (recorder, h, w, labels, loss, grad_h)."""
     h = torch.randn(n, H, device=device)
     w = torch.randn(V, H, device=device) / 8
     labels = _labels(n, V, 0.5, device=device)
     with _RecordAllocations() as rec:
         loss, grad_h, _, _ = ops._linear_ce_triton(h, w, None, labels, None, (-100, 0.0, 0.0, None), True,
                                                    True, False, False, budget)
+    return rec, h, w, labels, loss, grad_h
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_allocates_no_hidden_sized_copies(device):
+    """The device path reads the labelled rows of hidden and writes their gradient rows through an index:
+    beyond the (N, H) gradient it returns, its only large buffer is the (rows, V) logits chunk."""
+    n, H, V, budget = 256, 64, 1000, 8 * 1000 * 4
+    rec, h, w, labels, loss, grad_h = _record_linear_call(device, n, H, V, budget)
     large = [s for s in rec.shapes if len(s) == 2 and s[0] * s[1] >= n * H // 4]
     assert sorted(large) == sorted([(8, V), (n, H)]), large
     expected = F.cross_entropy(h @ w.t(), labels, reduction="none")
