@@ -510,6 +510,37 @@ def test_linear_online_memory_within_budget(device, monkeypatch):
     assert_close(grad_h, ref_h.grad, atol=1e-6, rtol=1e-4, msg="grad hidden")
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
+    """A LabelledCountHint made before the op (patch_model makes one before the model's forward) stops the
+    chunk loop at the count even while the op's own host copy has not landed (simulated: it never does);
+    a hint for other labels, or for labels changed in place since, is ignored. Results stay right."""
+    n, H, V, budget = 72, 32, 1000, 16 * 1000 * 4     # 9 labelled rows: 1 live chunk of 5
+    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 8
+    y = _labels(n, V, 0.125, device=device)
+    hint = ops.LabelledCountHint(y, -100)
+
+    class NeverLanded(ops._CountOnHost):
+        def __init__(self, count):
+            self.value, self.event = None, None
+
+    monkeypatch.setattr(ops, "_CountOnHost", NeverLanded)
+    calls = _spy(monkeypatch, "_bounded_mm")
+    expected = F.cross_entropy(h @ w.t(), y)
+
+    def chunks(labels):
+        calls.clear()
+        with ops.count_hint(hint):
+            loss = fused_linear_cross_entropy(h, w, labels, chunk_bytes=budget, backend="triton")
+        assert_close(loss, expected, atol=1e-5, rtol=1e-5, msg="loss")
+        return len(calls)
+
+    assert chunks(y) == 1
+    assert chunks(y.clone()) == 5
+    y.add_(0)   # same values, a new version: the hint no longer vouches for them
+    assert chunks(y) == 5
+
+
 def test_linear_gemm_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
     with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):

@@ -139,6 +139,11 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
 
     monkeypatch.setattr(lora_ops, "nf4_lora_linear", spy("lora", lora_ops.nf4_lora_linear))
     monkeypatch.setattr(ce_ops, "fused_linear_cross_entropy", spy("ce", ce_ops.fused_linear_cross_entropy))
+    hinted = []   # the device path's chunk loop: was the early host count (made before the forward) its own?
+    real_counted = ce_ops._counted
+    monkeypatch.setattr(ce_ops, "_counted", lambda y, ignore_index, count: hinted.append(
+        real_counted(y, ignore_index, count) is getattr(ce_ops._HINT, "value", None).counted) or
+        real_counted(y, ignore_index, count))
     model = load(checkpoint)
     patch_model(model)
     report = patch_model(model)                  # twice: still one layer of patching
@@ -146,6 +151,7 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
     ids, labels = batch()
     model(input_ids=ids, labels=labels)
     assert calls == {"lora": 14, "ce": 1}
+    assert hinted == ([True] if qlora_kernels._backend.interpreting() else []), hinted
     unpatch_model(model)
     assert no_patch_left(model)
 

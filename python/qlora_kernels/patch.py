@@ -178,7 +178,7 @@ def _lm_loss_forward(self, *args, **kwargs):
     """The causal LM's forward; with labels and grad enabled, the loss comes from fused_linear_cross_entropy
     and logits=None (without grad, evaluation loops want the logits: the original forward runs)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from qlora_kernels.ops.cross_entropy import fused_linear_cross_entropy
+    from qlora_kernels.ops.cross_entropy import LabelledCountHint, count_hint, fused_linear_cross_entropy
 
     orig = _original(self)
     state = self.__dict__.get(_STATE)
@@ -210,17 +210,19 @@ def _lm_loss_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
 
-    outputs = self.model(**params, **extra)
-    hidden = outputs.last_hidden_state
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     head = self.get_output_embeddings()
     weight, bias = head.weight, head.bias
-    hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-    # non_blocking: labels or a count left on the CPU must not make the host wait for the forward
-    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(weight.device, non_blocking=True),
-                                      bias=bias, ignore_index=ignore_index,
-                                      reduction="mean" if num_items is None else "sum")
+    # non_blocking: labels or a count left on the CPU must not make the host wait for the forward. The
+    # labelled count starts its way to the host before the forward (see LabelledCountHint).
+    y = shift_labels.to(weight.device, torch.int64, non_blocking=True).contiguous().reshape(-1)
+    hint = None if torch.compiler.is_compiling() else LabelledCountHint(y, ignore_index)   # no storage traced
+    outputs = self.model(**params, **extra)
+    hidden = outputs.last_hidden_state.to(device=weight.device, dtype=weight.dtype)
+    with count_hint(hint):
+        loss = fused_linear_cross_entropy(hidden, weight, y.view(shift_labels.shape), bias=bias,
+                                          ignore_index=ignore_index, reduction="mean" if num_items is None else "sum")
     if num_items is not None:
         loss = loss / (num_items.to(loss.device, non_blocking=True) if torch.is_tensor(num_items) else num_items)
     out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),

@@ -5,9 +5,11 @@ Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a
 path for other CPU tensors ("cpu" / "reference"). The CUDA path never synchronizes with the host: the
 number of counted tokens stays a device tensor that the kernels read.
 """
+import contextlib
 import functools
 import math
 import os
+import threading
 
 import torch
 
@@ -499,6 +501,42 @@ class _CountOnHost:
         return self.value is not None and self.value <= s
 
 
+class LabelledCountHint:
+    """The labelled-row count of `labels` (1-D, contiguous, as the linear variant will receive them), its
+    copy to the host started NOW: patch_model makes one before the model's forward, so that by the time the
+    loss runs the GPU has long passed the copy, and the chunk loop launches no chunk past the count (a
+    count made inside the op waits behind the whole forward's GPU work). Used only for labels with the same
+    storage, size, version and ignore_index; the kernels still read the op's own device count."""
+
+    def __init__(self, labels, ignore_index):
+        self.key = self._key(labels, ignore_index)
+        self.counted = _CountOnHost((labels != ignore_index).sum(dtype=torch.int32).reshape(1))
+
+    @staticmethod
+    def _key(labels, ignore_index):
+        return labels.device, labels.data_ptr(), labels.numel(), labels._version, ignore_index
+
+
+_HINT = threading.local()
+
+
+@contextlib.contextmanager
+def count_hint(hint):
+    """Within the block, a linear cross-entropy over the hint's labels uses its early host count."""
+    old, _HINT.value = getattr(_HINT, "value", None), hint
+    try:
+        yield
+    finally:
+        _HINT.value = old
+
+
+def _counted(labels, ignore_index, count):
+    hint = getattr(_HINT, "value", None)
+    if hint is not None and hint.key == LabelledCountHint._key(labels, ignore_index):
+        return hint.counted
+    return _CountOnHost(count)
+
+
 def _alloc_chunk(rows, V, dtype, device):
     """The linear variant's one logits buffer, (rows, V) or (rows, slice) in the online mode (a function so
     tests can watch its size)."""
@@ -530,7 +568,7 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     count, idx, back, lab_c = _compact(labels, ignore_index)
     gs_c = None if gscale is None else gscale[idx].float().contiguous()
     loss_c = torch.empty(N, dtype=torch.float32, device=dev)
-    counted = _CountOnHost(count)
+    counted = _counted(labels, ignore_index, count)
     if _online_mode(need_w, need_b, smoothing, softcap):
         grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None
         _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes)
