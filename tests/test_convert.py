@@ -192,7 +192,7 @@ def test_save_load_round_trip(tmp_path):
     (dict(r=2.5), "r must be an integer >= 1"),
     (dict(lora_alpha=0), "lora_alpha must be"),
     (dict(lora_dropout=1.0), "lora_dropout must be in"),
-    (dict(blocksize=48), "blocksize must be one of"),
+    (dict(blocksize=48), "blocksize must be an int in"),
     (dict(target_modules=["q_proj", "qkv_proj"]), r"\['qkv_proj'\] match no nn.Linear"),
     (dict(target_modules=[]), "non-empty"),
 ])

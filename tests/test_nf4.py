@@ -165,6 +165,56 @@ def test_bad_blocksize_names_allowed_ones():
         qk.quantize_nf4(torch.ones(4, 4), backend="fast")
 
 
+def test_bad_nf4weight_storage_is_refused():
+    """Found by an audit: strided storage (the kernels index raw pointers, Triton returned wrong values),
+    blocksizes outside the format (wrong values or unrelated errors), non-float dtypes."""
+    q = qk.quantize_nf4(torch.randn(4, 64), 64, False, backend="reference")
+    make = lambda **kw: qk.NF4Weight(**{**dict(packed=q.packed, shape=(4, 64), dtype=torch.float32,  # noqa: E731
+                                             blocksize=64, absmax=q.absmax()), **kw})
+    make()
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        make(packed=torch.zeros(2 * q.packed.numel(), dtype=torch.uint8)[::2])
+    with pytest.raises(ValueError, match="absmax must be contiguous"):
+        make(absmax=torch.ones(8)[::2])
+    for bad in (33, 0, -64, 64.0, "64", True):
+        with pytest.raises(ValueError, match="blocksize must be an int in"):
+            make(blocksize=bad)
+    with pytest.raises(ValueError, match="dtype"):
+        make(dtype=torch.int32)
+    with pytest.raises(ValueError, match="blocksize must be an int in"):
+        qk.quantize_nf4(torch.ones(4, 64), blocksize=64.0)
+
+
+def test_double_quant_overflow_is_an_error():
+    """Finite weights near fp32's limit: the fp32 mean of the block scales is inf, and double quant stored
+    an inf offset (all-inf dequantization, as bitsandbytes). Now a clear error; plain scales still work."""
+    w = torch.full((4, 64), 1e38)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        qk.quantize_nf4(w, 64, True, backend="reference")
+    assert torch.equal(qk.dequantize_nf4(qk.quantize_nf4(w, 64, False, backend="reference")), w)
+
+
+def test_quantize_keeps_no_autograd_graph():
+    w = torch.nn.Parameter(torch.randn(4, 64))
+    q = qk.quantize_nf4(w, 64, True, backend="reference")
+    assert all(t is None or t.grad_fn is None and not t.requires_grad for t in q.scale_tensors())
+
+
+def test_from_bnb_other_quant_storage_and_cpu_repacking():
+    """FSDP-QLoRA stores the packed bytes as bf16 (quant_storage): read as uint8. A weight that bitsandbytes
+    repacked for its CPU kernels is refused by name, not as a dtype mismatch."""
+    import bitsandbytes as bnb
+    w = torch.randn(40, 128)
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    assert p.data.dtype == torch.bfloat16
+    q = qk.NF4Weight.from_bnb(p)
+    assert q.packed.data_ptr() == p.data.data_ptr()
+    assert torch.equal(qk.dequantize_nf4(q, backend="reference"), bnb_functional.dequantize_4bit(p.data, p.quant_state))
+    p.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="repacked"):
+        qk.NF4Weight.from_bnb(p)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or _backend.interpreting()),
                     reason="Triton needs CUDA or the interpreter")
 def test_block_scales_kernel_is_the_reference_bit_for_bit(device):

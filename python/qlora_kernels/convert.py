@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from qlora_kernels.nn import LoRALinear4bit
+from qlora_kernels.reference.nf4 import check_blocksize
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -32,8 +32,7 @@ def _check_args(r, lora_alpha, lora_dropout, blocksize):
         raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    check_blocksize(blocksize)
 
 
 def _targets(model, target_modules):

@@ -21,13 +21,17 @@ class NF4Weight:
         self.packed = packed
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self.blocksize = int(blocksize)
+        ref.check_blocksize(blocksize)
+        self.blocksize = blocksize
         self.nested_blocksize = int(nested_blocksize)
         self._absmax, self.qabsmax, self.absmax2, self.code2, self.offset = absmax, qabsmax, absmax2, code2, offset
         if (absmax is None) == (qabsmax is None):
             raise ValueError("NF4Weight needs exactly one of absmax (plain) or qabsmax (double quant)")
         if len(self.shape) != 2:
             raise ValueError(f"NF4Weight shape must be (out, in), got {tuple(self.shape)}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"NF4Weight dtype (what dequantization returns) must be float32, float16 or bfloat16, "
+                             f"got {dtype}")
         if packed.dtype != torch.uint8 or packed.numel() != (self.numel() + 1) // 2:
             raise ValueError(f"packed must be uint8 with {(self.numel() + 1) // 2} bytes for shape "
                              f"{tuple(self.shape)}, got {packed.dtype} with {packed.numel()}")
@@ -43,6 +47,9 @@ class NF4Weight:
                        else type(t).__name__)
                 raise ValueError(f"NF4Weight {name} must be {dtype} with {numel} elements on {packed.device} "
                                  f"(packed's device), got {got}")
+        for name, t in [("packed", packed)] + [(name, t) for name, t, _, _ in expected]:
+            if not t.is_contiguous():   # the kernels index raw pointers
+                raise ValueError(f"NF4Weight {name} must be contiguous, got strides {t.stride()}")
 
     @property
     def double_quant(self) -> bool:
@@ -93,10 +100,14 @@ class NF4Weight:
                              "device or quantize it first)")
         if qs.quant_type != "nf4":
             raise ValueError(f"from_bnb supports quant_type 'nf4', got {qs.quant_type!r}")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("from_bnb: this weight was repacked by bitsandbytes for its CPU kernels (an eval-mode "
+                             "forward on a CPU with AVX512-BF16); read it before such a forward, or undo it with "
+                             "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse")
         packed = param.data if isinstance(param, torch.nn.Parameter) else param
         if not packed.is_contiguous():
             raise ValueError("from_bnb: packed storage must be contiguous")
-        packed = packed.view(-1)
+        packed = packed.view(-1).view(torch.uint8)   # quant_storage may be another dtype (FSDP-QLoRA: bf16)
         shape = tuple(qs.shape)
         if qs.nested:
             return cls(packed, shape, qs.dtype, qs.blocksize, qabsmax=qs.absmax.view(-1),

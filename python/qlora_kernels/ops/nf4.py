@@ -42,8 +42,7 @@ def _check_weight(weight, blocksize):
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty 2-D (out, in) tensor, got shape {tuple(weight.shape)}")
-    if blocksize not in ref.BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {ref.BLOCKSIZES}, got {blocksize}")
+    ref.check_blocksize(blocksize)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
@@ -55,7 +54,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     """
     _check_weight(weight, blocksize)
     backend = _backend.resolve_backend(weight, backend)
-    x = weight.contiguous()
+    x = weight.detach().contiguous()   # no autograd graph kept in the scales
     if backend == "triton":
         packed, absmax = _quantize_triton(x, blocksize)
     elif backend == "cpu":
@@ -71,6 +70,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not double_quant:
         return NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
     qabsmax, absmax2, code2, offset = ref.quantize_absmax(absmax)
+    if not bool(torch.isfinite(absmax2).all() & torch.isfinite(offset)):   # the fp32 mean of huge absmax
+        raise ValueError("double quantization overflows fp32 (the mean of the block scales is inf: weights "
+                         "near fp32's limit); quantize with double_quant=False")
     return NF4Weight(packed, weight.shape, weight.dtype, blocksize, qabsmax=qabsmax, absmax2=absmax2,
                      code2=code2, offset=offset)
 

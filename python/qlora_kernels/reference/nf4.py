@@ -51,6 +51,11 @@ def _codes_of(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, midpoints(code), right=False)
 
 
+def check_blocksize(blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be an int in {BLOCKSIZES}, got {blocksize!r} ({type(blocksize).__name__})")
+
+
 def quantize_blocks(weight: torch.Tensor, blocksize: int):
     """4-bit part. weight (any shape, float) -> (packed uint8 (ceil(n/2),), absmax fp32 (nblocks,))."""
     x = weight.reshape(-1).float()
@@ -58,6 +63,8 @@ def quantize_blocks(weight: torch.Tensor, blocksize: int):
     nblocks = -(-n // blocksize)
     blocks = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
+    # x * (1 / absmax) in every block, as bitsandbytes' CUDA kernels. Its CPU backend divides (x / absmax) in
+    # a partial last block, so a value exactly on a code midpoint there can take the neighbouring code.
     scaled = blocks * (1.0 / absmax.clamp(min=MIN_ABSMAX))[:, None]
     codes = _codes_of(scaled, nf4_code(x.device)).view(-1)[:n]
     if n % 2:
