@@ -434,9 +434,9 @@ def online_logits_kernel(h_ptr, w_ptr, bias_ptr, x_ptr, part_ptr, rows_ptr, labe
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """Logits x[m, n] = h[rows[m]] . w[v0 + n] (+ bias) of the slice's ns columns, for the chunk's rows
     m < *limit_ptr - limit_offset, stored in x's dtype (ROUND, fp16/bf16: the statistics see the stored
-    value, as F.linear's logits, and the same value the gradient GEMM reads back); and per (row, BN-column tile t) the partials of z = softcap(x):
-    part[:, m, t] = (max z, sum exp(z - max), sum z, z[label]), part (4, M, n_tiles) fp32. h, w unit stride
-    along H."""
+    value, as F.linear's logits, and the same value the gradient GEMM reads back); and per (row, BN-column
+    tile t) the partials of z = softcap(x): part[:, m, t] = (max z, sum exp(z - max), sum z, z[label]), part
+    (4, M, n_tiles) fp32. h, w unit stride along H."""
     m_end = _bound(limit_ptr, limit_offset, M)
     num_m = tl.cdiv(m_end, BM)
     n_part = M * n_tiles
@@ -574,12 +574,12 @@ def online_grad_kernel(x_ptr, w_ptr, o_ptr, part_ptr, stats_ptr, limit_ptr, limi
 
 
 @triton.jit
-def online_finish_kernel(o_ptr, stats_ptr, w_ptr, colsum_ptr, labels_ptr, rows_ptr, grad_ptr, loss_ptr, lse_ptr,
-                         gscale_ptr, count_ptr, limit_ptr, limit_offset, M, V, H, src, stride_om, stride_wv,
-                         stride_gm, smoothing, z_loss, softcap,
+def online_finish_kernel(o_ptr, stats_ptr, w_ptr, colsum_ptr, labels_ptr, rows_ptr, grad_ptr, loss_ptr, gscale_ptr,
+                         count_ptr, limit_ptr, limit_offset, M, V, H, src, stride_om, stride_wv, stride_gm, smoothing,
+                         z_loss, softcap,
                          COMPUTE_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COLSUM: tl.constexpr,
                          HAS_GSCALE: tl.constexpr, MEAN: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One compacted row m < *limit_ptr - limit_offset: loss and lse from stats[src], and (COMPUTE_GRAD)
+    """One compacted row m < *limit_ptr - limit_offset: its loss from stats[src], and (COMPUTE_GRAD)
     the input-gradient row written to grad[rows[m]] (see the section comment; colsum = sum_v w_v in fp32,
     used when label smoothing is on, which the caller allows only without softcap)."""
     m = tl.program_id(0)
@@ -590,7 +590,6 @@ def online_finish_kernel(o_ptr, stats_ptr, w_ptr, colsum_ptr, labels_ptr, rows_p
         lse = _finite_or_zero(tl.load(st)) + tl.log(l)
         y = tl.load(labels_ptr + m)
         tl.store(loss_ptr + m, _row_loss(lse, tl.load(st + 2 * M), zy, y, V, smoothing, z_loss))
-        tl.store(lse_ptr + m, lse)
         if COMPUTE_GRAD:
             scale = _row_scale(gscale_ptr, 1, count_ptr, m, HAS_GSCALE, MEAN)
             yc = _class_column(y, V)

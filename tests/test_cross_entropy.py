@@ -852,7 +852,7 @@ def _online_cases(arch):
                         if t.startswith("*") or n in ("M", "H", "v0", "ns") or n.startswith("stride"))
         cases.append(CompileCase(mod, kernel, sig, consts, num_warps=warps, num_stages=stages, aligned=aligned))
     sig = {"o_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "colsum_ptr": "*fp32", "labels_ptr": "*i64",
-           "rows_ptr": "*i64", "grad_ptr": "*bf16", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "gscale_ptr": "*fp32",
+           "rows_ptr": "*i64", "grad_ptr": "*bf16", "loss_ptr": "*fp32", "gscale_ptr": "*fp32",
            "count_ptr": "*i32", "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32", "V": "i32", "H": "i32",
            "src": "i32", "stride_om": "i64", "stride_wv": "i64", "stride_gm": "i64", "smoothing": "fp32",
            "z_loss": "fp32", "softcap": "fp32"}

@@ -559,6 +559,12 @@ def _compact(labels, ignore_index):
     return count, idx, torch.where(live, idx, N), torch.where(live, labels[idx], ignore_index)
 
 
+def _uncompact(loss_c, back):
+    """Per-row losses in the original row order from the compacted ones (0 for unlabelled rows)."""
+    N = loss_c.shape[0]
+    return loss_c.new_zeros(N + 1).index_copy_(0, back, loss_c)[:N]
+
+
 def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_b, chunk_bytes):
     ignore_index, smoothing, z_loss, softcap = opts
     softcap = softcap or None
@@ -572,7 +578,7 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     if _online_mode(need_w, need_b, smoothing, softcap):
         grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None
         _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes)
-        return torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N], grad_h, None, None
+        return _uncompact(loss_c, back), grad_h, None, None
     R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
     grouped = _grouped_gemms(h, w, b)
     buf = None if grouped else _alloc_chunk(R, V, h.dtype, dev)   # grouped: each chunk's GEMM output
@@ -606,8 +612,7 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
         if need_b:
             kernels.colsum_kernel[(_backend.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
                                                           BLOCK_C=256)
-    loss = torch.zeros(N + 1, dtype=torch.float32, device=dev).index_copy_(0, back, loss_c)[:N]
-    return loss, grad_h[:N] if need_h else None, grad_w, grad_b
+    return _uncompact(loss_c, back), grad_h[:N] if need_h else None, grad_w, grad_b
 
 
 def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes):
@@ -641,7 +646,6 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
     o = torch.empty((R, H), dtype=torch.float32, device=dev) if grad else x
     part = torch.empty((4, R, n_tiles_max), dtype=torch.float32, device=dev)
     stats = torch.empty((2, 4, R), dtype=torch.float32, device=dev)
-    lse_c = torch.empty(N, dtype=torch.float32, device=dev)
     colsum = torch.sum(w, 0, dtype=torch.float32) if grad and smoothing > 0 else None
     lowp = h.dtype != torch.float32
     flags = dict(HAS_SOFTCAP=softcap is not None, UPCAST=interp, IEEE=not lowp)
@@ -667,7 +671,7 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
                 **flags, **cfg2)
         kernels.online_finish_kernel[(r,)](
             o, stats, w, colsum if colsum is not None else o, labels, rows, grad_h if grad else o, loss_c[s:s + r],
-            lse_c[s:s + r], gs_c[s:s + r] if gs_c is not None else o, count, count, s, r, V, H, len(slices) % 2,
+            gs_c[s:s + r] if gs_c is not None else o, count, count, s, r, V, H, len(slices) % 2,
             o.stride(0), w.stride(0), grad_h.stride(0) if grad else 0, smoothing, z_loss, sc, COMPUTE_GRAD=grad,
             HAS_SOFTCAP=softcap is not None, HAS_COLSUM=colsum is not None, HAS_GSCALE=gs_c is not None, MEAN=mean,
             BLOCK_H=min(kernels.ONLINE_FINISH_BLOCK_H, _backend.next_power_of_2(H)))
