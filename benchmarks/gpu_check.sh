@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU run (../shared/notes/gpu-method.md): build the package (CUDA part included), run the tests on
 # CUDA, then every benchmarks/bench_*.py with the peers in the same process. Tables and JSON go to $OUT
-# (default benchmarks/results/), the log to $OUT/gpu_check.log; the markdown tables print last.
+# (default benchmarks/results/), the log to $OUT/gpu_check.log; the markdown tables print last. PNG plots
+# too where matplotlib is installed; else draw them here: python -m benchmarks.plot <the fetched .json files>.
 # Usage, from the repository root on the GPU machine (no network): bash ../shared/tools/peer-wheels.sh here
 # first, carry .whl/, and name the commit (the device copy has no .git):
 #   QLORA_KERNELS_COMMIT=<git rev-parse --short HEAD, run here> OUT=$OUT bash benchmarks/gpu_check.sh

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: warm median timing, peak memory, environment record, JSON + markdown output.
+"""Shared benchmark plumbing: warm median timing, peak memory, environment record, JSON + markdown + PNG output.
 
 Run a suite from the repository root: `python -m benchmarks.bench_<stem> [--quick]`. Results go to
 $OUT when set (the GPU machine), else benchmarks/results/local/ (git-ignored); the committed tables
@@ -13,6 +13,8 @@ import subprocess
 import time
 
 import torch
+
+from benchmarks import plot
 
 # Measured ceilings of the cards we report against (../shared/notes/gpu-method.md).
 COPY_BANDWIDTH_GBS = {"H100": 3000.0, "H200": 4300.0}
@@ -108,7 +110,8 @@ def out_dir(args) -> str:
 
 
 def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
-    """Write <out>/<stem>.json and <out>/<stem>.md (a table of `rows`, header from their keys)."""
+    """Write <out>/<stem>.json, <out>/<stem>.md (a table of `rows`, header from their keys) and <out>/<stem>.png
+    (benchmarks/plot.py; skipped without matplotlib)."""
     env = environment()
     path = out_dir(args)
     with open(os.path.join(path, f"{stem}.json"), "w") as f:
@@ -124,5 +127,10 @@ def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
     table = "\n".join(lines) + "\n"
     with open(os.path.join(path, f"{stem}.md"), "w") as f:
         f.write(table)
+    try:
+        plot.plot(stem, rows, os.path.join(path, f"{stem}.png"),
+                  f"{stem}: {env['card']}, commit {env['commit']}, {env['date']}")
+    except Exception as err:  # noqa: BLE001 - a failed plot must not cost the measured table
+        print(f"{stem}: plot failed: {err}")
     print(table)
     return table

@@ -1,5 +1,6 @@
 """`qlora-kernels demo`: a short run end to end (table, plot, finite and matching losses) and the CLI's errors."""
 import io
+import json
 import math
 import os
 import subprocess
@@ -113,3 +114,18 @@ def test_reference_layer_drops_what_ours_drops(interpret, monkeypatch):
     other = _reference_lora_forward(layer, x)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert (ours - other).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("suite", list(cli.SUITES))
+def test_bench_quick_writes_table_and_plot(suite, tmp_path, monkeypatch, capfd):
+    """`qlora-kernels bench <suite> --quick`: every provider that exists here runs (none prints a failure), and
+    the suite writes its JSON, markdown table and PNG plot, so a GPU run never finds a broken script."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")    # CPU paths: the interpreter would take minutes per suite
+    assert cli.main(["bench", suite, "--quick", "--out", str(tmp_path)]) == 0
+    printed = capfd.readouterr().out
+    assert " failed: " not in printed and "plot failed" not in printed
+    stem = {"lora": "nf4_lora_linear", "ce": "cross_entropy"}.get(suite, suite)
+    rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    assert rows and all("provider" in row for row in rows)
+    assert (tmp_path / f"{stem}.md").read_text().count("\n|") >= len(rows) + 1
+    assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -36,7 +36,8 @@ def bench(args) -> int:
         if not os.path.exists(os.path.join(root, "benchmarks", SUITES[name] + ".py")):
             print(f"qlora-kernels bench: suite {name!r} is not in this checkout; skipped", file=sys.stderr)
             continue
-        cmd = [sys.executable, "-m", f"benchmarks.{SUITES[name]}"] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, "-m", f"benchmarks.{SUITES[name]}"] + (["--quick"] if args.quick else []) + \
+            (["--out", os.path.abspath(args.out)] if args.out else [])
         status |= subprocess.run(cmd, cwd=root).returncode
     return status
 
@@ -79,9 +80,12 @@ def main(argv=None) -> int:
                         help="peak learning rate (built-in model 3e-3 CPU / 2e-3 CUDA; --model 1e-4)")
     p_demo.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (default 1 on CPU: the matmuls are tiny)")
-    p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables under benchmarks/results/")
+    p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables and plots under "
+                                           "benchmarks/results/")
     p_bench.add_argument("suite", nargs="?", default="all", choices=list(SUITES) + ["all"])
     p_bench.add_argument("--quick", action="store_true", help="small shapes (a CPU smoke run)")
+    p_bench.add_argument("--out", default=None, metavar="DIR",
+                         help="where the tables and plots go (default $OUT, else benchmarks/results/local)")
     args, extra = parser.parse_known_args(argv)
     if extra:
         (p_demo if args.command == "demo" else parser).error(f"unrecognized arguments: {' '.join(extra)}")
