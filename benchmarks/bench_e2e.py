@@ -1,8 +1,11 @@
 """End-to-end QLoRA training step: forward, loss, backward, clip + optimizer, on a Llama-shaped model with
 random weights (no download), NF4 double quant (bitsandbytes storage) + PEFT LoRA, gradient checkpointing.
 
-Providers, same model and batch, measured in one process:
+Providers, same model and batch, measured in one process, each step under torch.autocast(bf16) as Trainer /
+SFTTrainer with bf16=True run it (accelerate wraps the forward): PEFT's LoRA branch then runs in bf16.
 - "bnb+peft+torch": bitsandbytes NF4 + PEFT LoRA, HF loss on full logits, clip_grad_norm_ + torch AdamW(fused)
+- "bnb+peft+torch (no autocast)": the same without autocast, as a plain training loop runs it: PEFT casts x to
+  its fp32 LoRA weights, so the LoRA GEMMs, dropout, scaling run in fp32
 - "bnb+peft+torch+liger": the same with Liger's fused linear cross-entropy on the backbone's hidden states
   (when liger_kernel is installed)
 - "qlora_kernels": the same model after qlora_kernels.patch_model (fused NF4+LoRA GEMMs, linear
@@ -10,6 +13,7 @@ Providers, same model and batch, measured in one process:
 Completion-only labels: the last 5 positions of every row (~4 % at seq 128), as in the price recipe.
 Reports tokens/s (all positions) and peak memory of a step. --quick runs a tiny model on the CPU.
 """
+import contextlib
 import copy
 
 import torch
@@ -71,9 +75,15 @@ def batch(vocab, rows, seq, device):
     return ids, labels
 
 
-def step_fn(model, optimizer, ids, labels, clip):
+def amp(device, on=True):
+    """bf16 autocast around the forward and loss, as Trainer(bf16=True) runs them (backward outside it)."""
+    return torch.autocast(device, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def step_fn(model, optimizer, ids, labels, clip, autocast=True):
     def step():
-        loss = model(input_ids=ids, labels=labels).loss
+        with amp(ids.device.type, autocast):
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
@@ -91,9 +101,10 @@ def liger_step_fn(model, optimizer, ids, labels):
     causal_lm = model.get_base_model()     # the LlamaForCausalLM that holds PEFT's LoRA layers
 
     def step():
-        hidden = causal_lm.model(input_ids=ids).last_hidden_state
-        loss = loss_fn(causal_lm.lm_head.weight, hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-                       labels[:, 1:].reshape(-1))
+        with amp(ids.device.type):
+            hidden = causal_lm.model(input_ids=ids).last_hidden_state
+            loss = loss_fn(causal_lm.lm_head.weight, hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                           labels[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
         optimizer.step()
@@ -120,16 +131,17 @@ def main():
         ours = copy.deepcopy(base)
         report = qk.patch_model(ours)
         trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+        torch_adamw = lambda m: torch.optim.AdamW(trainable(m), lr=1e-4, weight_decay=0.001,  # noqa: E731
+                                                  fused=device == "cuda")
         providers = {
-            "bnb+peft+torch": step_fn(base, torch.optim.AdamW(trainable(base), lr=1e-4, weight_decay=0.001,
-                                                              fused=device == "cuda"), ids, labels, clip=True),
+            "bnb+peft+torch": step_fn(base, torch_adamw(base), ids, labels, clip=True),
+            "bnb+peft+torch (no autocast)": step_fn(base, torch_adamw(base), ids, labels, clip=True,
+                                                    autocast=False),
             "qlora_kernels": step_fn(ours, qk.FusedAdamW(trainable(ours), lr=1e-4, weight_decay=0.001,
                                                          max_grad_norm=0.3), ids, labels, clip=False),
         }
         try:   # same model as bnb+peft+torch (its own optimizer state): only the loss differs
-            providers["bnb+peft+torch+liger"] = liger_step_fn(
-                base, torch.optim.AdamW(trainable(base), lr=1e-4, weight_decay=0.001, fused=device == "cuda"),
-                ids, labels)
+            providers["bnb+peft+torch+liger"] = liger_step_fn(base, torch_adamw(base), ids, labels)
         except ImportError as err:
             print(f"bnb+peft+torch+liger skipped: {err}")
         results = {}
@@ -152,7 +164,7 @@ def main():
                          "ms/step": ms, "tokens/s": n_rows * seq / ms * 1e3, "peak MB": peak,
                          "patched layers": len(report.patched) if name == "qlora_kernels" else None})
         ours_row = next(row for row in rows[::-1] if row["provider"] == "qlora_kernels")
-        for peer in ("bnb+peft+torch", "bnb+peft+torch+liger"):
+        for peer in ("bnb+peft+torch", "bnb+peft+torch (no autocast)", "bnb+peft+torch+liger"):
             if peer in results:
                 ours_row[f"speedup vs {peer}"] = results[peer] / results["qlora_kernels"]
         del base, ours, providers

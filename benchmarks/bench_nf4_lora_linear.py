@@ -69,7 +69,14 @@ def providers(d):
             result = F.linear(x, bnbf.dequantize_4bit(packed, qs).to(x.dtype))
             xl = F.dropout(x.to(A.dtype), p, training=True)
             return result + (F.linear(F.linear(xl, A), B) * scaling).to(x.dtype)
+        def bnb_peft_autocast(x, A, B):
+            # the same under bf16 autocast, as Trainer(bf16=True) runs it: PEFT then skips the cast to fp32, and
+            # autocast runs dropout, the LoRA GEMMs and the scaling in bf16
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                result = F.linear(x, bnbf.dequantize_4bit(packed, qs).to(x.dtype))
+                return result + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * scaling
         out["bnb_peft"] = bnb_peft
+        out["bnb_peft_autocast"] = bnb_peft_autocast
     except Exception as err:  # bitsandbytes missing or not built for this machine
         print(f"bitsandbytes + PEFT skipped: {err}")
     return out
@@ -114,6 +121,8 @@ def main():
                 name = label.removesuffix("[graph]")
                 if name in OURS and name != "ours" and (device != "cuda" or (name == "ours_cuda_decode" and M != 1)):
                     continue   # the inline-PTX lookup and the CUDA kernel exist on CUDA only; the latter for M = 1
+                if name == "bnb_peft_autocast" and device == "cuda" and M < TRAIN_M:
+                    continue   # autocast changes the LoRA GEMMs' dtype only: it matters at training sizes
                 os.environ.update(OURS.get(name, {}))
                 try:
                     ms, mem = run_one(fn, d, mode, graph)
@@ -152,7 +161,8 @@ def main():
                                 "ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
                                 "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): "
                                 "the extension's CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails, and loses its row, "
-                                "without a CUDA build).")
+                                "without a CUDA build). bnb_peft runs PEFT's LoRA branch in its fp32 weights' dtype "
+                                "(no autocast); bnb_peft_autocast under bf16 autocast, as Trainer(bf16=True).")
 
 
 if __name__ == "__main__":
