@@ -199,10 +199,14 @@ def test_num_items_in_batch(checkpoint):
     loss = model(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
     assert_close(loss, ref, atol=1e-5, rtol=1e-4, msg="sum / num_items_in_batch")
     assert_close(loss, ref_mean * n_valid / 37, atol=1e-5, rtol=1e-4, msg="vs mean")
-    # pre-shifted labels (context parallelism passes them) are used as they are
+    # pre-shifted labels (context parallelism passes them beside labels) are used as they are, as HF does
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    loss2 = model(input_ids=ids, shift_labels=shifted).loss
+    loss2 = model(input_ids=ids, labels=torch.full_like(labels, -100), shift_labels=shifted).loss
     assert_close(loss2, ref_mean, atol=1e-5, rtol=1e-4, msg="shift_labels")
+    # shift_labels without labels: HF computes no loss and returns the logits (Trainer's label smoother and
+    # compute_loss_func call the model so)
+    only = model(input_ids=ids, shift_labels=shifted)
+    assert only.loss is None and only.logits.shape == (*ids.shape, VOCAB)
 
 
 def test_dropout_follows_train_mode(checkpoint):
@@ -235,6 +239,38 @@ def test_fallbacks_to_peft(checkpoint):
     lora_loss = model(input_ids=ids, labels=labels).loss
     assert not torch.allclose(lora_loss, base, atol=1e-4)
     unpatch_model(model)
+
+
+def _head_adapter_and_doubled_loss(model, ids, labels):
+    """(loss, |grad of lm_head's LoRA B|) with a LoRA adapter on lm_head, then the loss of HF's loss doubled."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model.add_adapter("head", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.head" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    model.set_adapter("head")
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grad = model.get_base_model().lm_head.lora_B["head"].weight.grad
+    model.get_base_model().loss_function = lambda **kw: 2 * ForCausalLMLoss(**kw)
+    doubled = model(input_ids=ids, labels=labels).loss
+    return loss, grad, doubled
+
+
+def test_loss_follows_head_and_loss_function_changed_after_patch(checkpoint):
+    """The loss plan is checked per call: LoRA put on lm_head, or a loss_function set, after patch_model make
+    the patched forward hand over to the model's own (the adapter's output and gradient are not dropped)."""
+    ids, labels = batch()
+    ref_loss, ref_grad, ref_doubled = _head_adapter_and_doubled_loss(load(checkpoint), ids, labels)
+    model = load(checkpoint)
+    assert patch_model(model).loss_patched
+    loss, grad, doubled = _head_adapter_and_doubled_loss(model, ids, labels)
+    assert grad is not None and ref_grad is not None
+    assert_close(loss, ref_loss, atol=1e-3, rtol=1e-3, msg="LoRA on lm_head")
+    assert_close(grad, ref_grad, atol=1e-3, rtol=2e-2, msg="lm_head lora_B gradient")   # q_proj: bf16 LoRA
+    assert_close(doubled, ref_doubled, atol=1e-4, rtol=1e-4, msg="custom loss_function")
 
 
 def test_qwen2_with_projection_bias(tmp_path):

@@ -4,14 +4,14 @@
 
 - every PEFT `lora.bnb.Linear4bit` over a `bnb.nn.Linear4bit` holding NF4 codes gets an instance `forward`
   that calls `nf4_lora_linear` on bitsandbytes' own storage (`NF4Weight.from_bnb`: a view, no copy);
-- the causal LM (Llama, Mistral, Qwen2, Qwen3) gets an instance `forward` that, when `labels` (or
-  `shift_labels`) are passed, computes the loss with `fused_linear_cross_entropy` on the final hidden states,
-  so the (tokens x vocab) logits are never built. Such calls return `logits=None`. Under `torch.no_grad()`
+- the causal LM (Llama, Mistral, Qwen2, Qwen3) gets an instance `forward` that, when `labels` are passed
+  (with `shift_labels` too, those are used unshifted, as in HF's loss), computes the loss with
+  `fused_linear_cross_entropy` on the final hidden states, so the (tokens x vocab) logits are never built. Such calls return `logits=None`. Under `torch.no_grad()`
   (evaluation, `Trainer.predict`, metrics) the model runs its own forward and returns its logits with the loss.
 
 Each patched forward checks, per call, that the fast path still applies (adapters enabled, not merged, one
-active plain-LoRA adapter, NF4 storage not repacked, no extra arguments) and otherwise calls the forward it
-replaced, so `disable_adapter()`, `merge_adapter()`, `set_adapter()` and generation keep PEFT's and
+active plain-LoRA adapter, NF4 storage not repacked, no extra arguments; for the loss, a plain nn.Linear head
+and HF's own loss_function) and otherwise calls the forward it replaced, so `disable_adapter()`, `merge_adapter()`, `set_adapter()` and generation keep PEFT's and
 transformers' behaviour. `unpatch_model(model)` deletes the instance attributes and restores what was there.
 """
 import dataclasses
@@ -182,8 +182,9 @@ def _lm_loss_forward(self, *args, **kwargs):
 
     orig = _original(self)
     state = self.__dict__.get(_STATE)
-    if state is None or "fused_lm_head" in kwargs or not torch.is_grad_enabled():   # unpatched, TRL's own
-        # fused head asked for, or evaluation (Trainer.predict / compute_metrics read the logits)
+    if state is None or "fused_lm_head" in kwargs or not torch.is_grad_enabled() or _loss_plan(self) is not None:
+        # unpatched, TRL's own fused head asked for, evaluation (Trainer.predict / compute_metrics read the
+        # logits), or the head or loss_function changed since patch_model (e.g. LoRA put on lm_head)
         return orig(*args, **kwargs)
     sig = state.get("sig")
     if sig is None:
@@ -198,10 +199,10 @@ def _lm_loss_forward(self, *args, **kwargs):
         if p.kind == inspect.Parameter.VAR_KEYWORD:
             extra = dict(params.pop(pname, {}))
     labels = params.pop("labels", None)
-    shift_labels = extra.get("shift_labels")
+    shift_labels = extra.get("shift_labels")   # used instead of shifting `labels`, as HF's loss does
     logits_to_keep = params.get("logits_to_keep", 0)
-    if (labels is None and shift_labels is None) or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        return orig(*args, **kwargs)
+    if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return orig(*args, **kwargs)   # HF computes a loss only with labels (shift_labels alone: logits only)
     params.pop("logits_to_keep", None)
     extra.pop("shift_labels", None)
     num_items = extra.pop("num_items_in_batch", None)
