@@ -59,6 +59,43 @@ def test_target_subset_and_rslora():
     assert len(trainable) == 2 * 2 * 3 and any("q_proj.lora_A" in n for n in trainable)
 
 
+@pytest.mark.parametrize("targets", [r".*\.(q_proj|v_proj)", r"model\.layers\.1\..*_proj", ["self_attn.q_proj"],
+                                     ["q_proj", "mlp.down_proj"], "q_proj"],
+                         ids=["regex", "regex-one-layer", "dotted-suffix", "names", "bare-string"])
+def test_target_modules_select_what_peft_selects(targets):
+    """A string is a regular expression for the whole module path, a list names modules by a dotted suffix:
+    the layers converted are the ones PEFT would wrap (and where PEFT finds none, a ValueError)."""
+    peft = pytest.importorskip("peft")
+    try:
+        wrapped = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        theirs = sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    except ValueError:
+        theirs = None
+    if theirs is None:
+        with pytest.raises(ValueError, match="match no nn.Linear"):
+            qk.convert_to_qlora(tiny_llama(), 4, 8, target_modules=targets)
+    else:
+        assert sorted(lora_layers(qk.convert_to_qlora(tiny_llama(), 4, 8, target_modules=targets))) == theirs
+
+
+def test_rslora_at_rank_one_saves_and_loads(tmp_path):
+    """At r = 1, alpha / r == alpha / sqrt(r): use_rslora is kept per layer, not guessed from the scaling."""
+    peft = pytest.importorskip("peft")
+    model = qk.convert_to_qlora(tiny_llama(), 1, 8, target_modules=["q_proj"], use_rslora=True)
+    qk.convert_to_qlora(model, 4, 8, target_modules=["v_proj"], use_rslora=True)
+    qk.save_adapter(model, str(tmp_path / "ours"))
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["rank_pattern"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=1, lora_alpha=8, use_rslora=True,
+                                                               target_modules=["q_proj"]))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    into = qk.convert_to_qlora(tiny_llama(), 1, 8, target_modules=["q_proj"], use_rslora=True,
+                               compute_dtype=torch.float32)
+    qk.load_adapter(into, str(tmp_path / "theirs"))
+    assert all(layer.use_rslora and layer.scaling == 8.0 for layer in lora_layers(into).values())
+
+
 def test_peft_loads_our_adapter(tmp_path):
     """PeftModel.from_pretrained(plain model with our NF4-dequantized base, our adapter) == our model."""
     peft = pytest.importorskip("peft")

@@ -8,7 +8,6 @@ PEFT's format (peft 0.21, task CAUSAL_LM): `adapter_model.safetensors` with keys
 `adapter_config.json` (peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora, ...).
 """
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -36,17 +35,24 @@ def _check_args(r, lora_alpha, lora_dropout, blocksize):
 
 
 def _targets(model, target_modules):
-    """{module path: nn.Linear} of the layers to convert; ValueError naming targets that match nothing."""
+    """{module path: nn.Linear} of the layers to convert, chosen by PEFT's rules: a string is a regular
+    expression the whole module path must match; a list names modules by their path or a dotted suffix of it
+    (`q_proj`, `self_attn.q_proj`). ValueError naming the targets that match no nn.Linear."""
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     if target_modules == "all-linear":     # PEFT's shorthand: every linear layer but the output head
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return {n: m for n, m in linears.items() if m is not head and n.rsplit(".", 1)[-1] != "lm_head"}
-    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"target_modules must be a non-empty sequence of module names, got {target_modules!r}")
-    chosen = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in names or n in names}
-    found = {n.rsplit(".", 1)[-1] for n in chosen} | set(chosen)
-    missing = [t for t in names if t not in found]
+    if isinstance(target_modules, str) and target_modules:
+        chosen = {n: m for n, m in linears.items() if re.fullmatch(target_modules, n)}
+        missing = [] if chosen else [target_modules]
+    else:
+        names = tuple(target_modules) if not isinstance(target_modules, str) else ()
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"target_modules must be a regular expression or a non-empty sequence of module "
+                             f"names, got {target_modules!r}")
+        hits = {t: [n for n in linears if n == t or n.endswith("." + t)] for t in names}
+        chosen = {n: linears[n] for n in linears if any(n in found for found in hits.values())}
+        missing = [t for t, found in hits.items() if not found]
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its linear layers are "
@@ -67,10 +73,11 @@ def lora_layers(model) -> dict:
 def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      target_modules=DEFAULT_TARGETS, use_rslora: bool = False, blocksize: int = 64,
                      double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace each `nn.Linear` whose name (last component, or full path) is in `target_modules` by a
-    `LoRALinear4bit` (NF4 base quantized exactly as bitsandbytes does, fresh PEFT-initialized LoRA), in
-    place, and freeze every other parameter. Returns `model`. `target_modules="all-linear"` takes every
-    linear layer but the output head (PEFT's meaning).
+    """Replace each `nn.Linear` that `target_modules` selects by a `LoRALinear4bit` (NF4 base quantized
+    exactly as bitsandbytes does, fresh PEFT-initialized LoRA), in place, and freeze every other parameter.
+    Returns `model`. `target_modules` as PEFT reads it: a list of names (`q_proj`, or a longer dotted suffix
+    of the module path), a regular expression for the whole path, or "all-linear" (every linear layer but the
+    output head).
     """
     _check_args(r, lora_alpha, lora_dropout, blocksize)
     if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -87,12 +94,6 @@ def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: 
     return model
 
 
-def _layer_alpha_rslora(layer):
-    rslora = not math.isclose(layer.scaling, layer.lora_alpha / layer.r, rel_tol=1e-9) and \
-        math.isclose(layer.scaling, layer.lora_alpha / math.sqrt(layer.r), rel_tol=1e-9)
-    return layer.lora_alpha, rslora
-
-
 def adapter_config(model, base_model_name_or_path=None) -> dict:
     """The `adapter_config.json` PEFT writes for the LoRA layers of a converted model."""
     layers = lora_layers(model)
@@ -100,7 +101,7 @@ def adapter_config(model, base_model_name_or_path=None) -> dict:
         raise ValueError("the model has no LoRALinear4bit layers: convert it with convert_to_qlora first")
     ranks = Counter(m.r for m in layers.values())
     alphas = Counter(m.lora_alpha for m in layers.values())
-    rslora = {_layer_alpha_rslora(m)[1] for m in layers.values()}
+    rslora = {m.use_rslora for m in layers.values()}
     dropouts = {m.lora_dropout for m in layers.values()}
     if len(rslora) > 1 or len(dropouts) > 1:
         raise ValueError("PEFT's format needs one use_rslora and one lora_dropout for all LoRA layers")
@@ -186,7 +187,7 @@ def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
                              f"layer(s) are not nn.Linear layers of it {absent[:3]}")
         layers = {n: (linears[n].in_features, linears[n].out_features, *expected_r_alpha(n)) for n in paths}
     else:
-        layers = {n: (m.in_features, m.out_features, m.r, _layer_alpha_rslora(m)[0])
+        layers = {n: (m.in_features, m.out_features, m.r, m.lora_alpha)
                   for n, m in lora_layers(model).items()}
     expected = {f"{PEFT_PREFIX}{n}.{part}.weight": (n, part) for n in layers for part in ("lora_A", "lora_B")}
     missing = sorted(set(expected) - set(tensors))
@@ -196,7 +197,7 @@ def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
                          f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}")
     for name, (in_f, out_f, r, alpha) in layers.items():
         want_r, want_alpha = expected_r_alpha(name)
-        layer_rslora = rslora if convert else _layer_alpha_rslora(lora_layers(model)[name])[1]
+        layer_rslora = rslora if convert else lora_layers(model)[name].use_rslora
         if (r, alpha, layer_rslora) != (want_r, want_alpha, rslora):
             raise ValueError(f"adapter {path!r} has r={want_r}, lora_alpha={want_alpha}, use_rslora={rslora} for "
                              f"{name}; the layer has r={r}, lora_alpha={alpha}, use_rslora={layer_rslora}")

@@ -28,6 +28,7 @@ class LoRALinear4bit(nn.Module):
             raise ValueError(f"r must be >= 1, got {r}")
         self.out_features, self.in_features = qweight.shape
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.use_rslora = bool(use_rslora)   # kept: at r = 1 the scaling cannot tell (PEFT's format records it)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.compute_dtype = compute_dtype
         self._blocksize, self._nested_blocksize, self._weight_dtype = \
