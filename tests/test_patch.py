@@ -238,6 +238,17 @@ def test_fallbacks_to_peft(checkpoint):
     assert_close(base, base_ref, atol=1e-4, rtol=1e-4, msg="adapters disabled")
     lora_loss = model(input_ids=ids, labels=labels).loss
     assert not torch.allclose(lora_loss, base, atol=1e-4)
+    # a forward hook on a base layer or on lm_head (accelerate's offload hooks, user hooks) must still run:
+    # those modules are served by their own forwards
+    seen = []
+    q_base = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
+               for m in (q_base, model.get_base_model().lm_head)]
+    ref = model(input_ids=ids, labels=labels).loss
+    assert sorted(seen) == ["Linear", "Linear4bit"]
+    assert_close(ref, lora_loss, atol=1e-3, rtol=1e-2, msg="hooked modules")
+    for h in handles:
+        h.remove()
     unpatch_model(model)
 
 

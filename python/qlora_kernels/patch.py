@@ -118,7 +118,19 @@ def _lora_plan(layer, bnb_linear4bit):
     drop = layer.lora_dropout[name]
     if not isinstance(drop, (torch.nn.Dropout, torch.nn.Identity)):
         return None, f"dropout module {type(drop).__name__}"
+    hooked = _hooked(base, A, B, drop)
+    if hooked:
+        return None, f"forward hooks on the {hooked} module (the fused path would bypass them)"
     return name, None
+
+
+def _hooked(*modules):
+    """The type name of the first module with forward hooks (or accelerate's offload hook), else ''. The
+    fused paths read these modules' weights without calling them."""
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
+            return type(m).__name__
+    return ""
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -166,6 +178,8 @@ def _loss_plan(lm):
     head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"lm_head is {type(head).__name__}, not a plain nn.Linear"
+    if _hooked(head):
+        return "forward hooks on lm_head (the fused loss would bypass them)"
     if getattr(lm.config, "final_logit_softcapping", None) is not None:
         return "final_logit_softcapping is set"
     fn = getattr(lm, "loss_function", None)
