@@ -132,7 +132,7 @@ def config_sweep(shapes, device):
 def main():
     args = harness.parse_args(__doc__)
     device = harness.device()
-    rows = []
+    rows = harness.Rows("adamw", args)
     if device == "cuda":
         for name in ("lite", "full"):
             rows += run_set(name, lora_shapes(name), device, reps=20)

@@ -209,7 +209,7 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
 def main():
     args = harness.parse_args(__doc__)
     dev = harness.device()
-    rows = []
+    rows = harness.Rows("cross_entropy", args)
     if args.quick or dev == "cpu":
         bench_ce(rows, args, "cpu", torch.float32, (64,), 4096)
         bench_linear(rows, args, "cpu", torch.float32, (256,), 4096, 256)

@@ -117,7 +117,7 @@ def main():
     device = harness.device()
     cases = [("tiny", "lite", 4, 32)] if args.quick else [
         (shape, lora, None, None) for shape in ("llama-3.2-1B", "llama-3.2-3B") for lora in ("lite", "full")]
-    rows = []
+    rows = harness.Rows("e2e", args)
     for shape, lora_name, rows_override, seq_override in cases:
         r, alpha, targets, n_rows, seq = LORA[lora_name]
         n_rows, seq = rows_override or n_rows, seq_override or seq

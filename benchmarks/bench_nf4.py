@@ -35,7 +35,7 @@ def main():
     device = harness.device()
     shapes = [(1024, 4096)] if args.quick else [(4096, 14336), (3072, 8192)]
     bandwidth = harness.copy_bandwidth_gbs()
-    rows = []
+    rows = harness.Rows("nf4", args)
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16)
         n = w.numel()

@@ -108,7 +108,7 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = QUICK_SHAPES if args.quick or device != "cuda" else GPU_SHAPES
     bw = harness.copy_bandwidth_gbs()
-    rows = []
+    rows = harness.Rows("nf4_lora_linear", args)
     for M, N, K, r in shapes:
         d = make(M, N, K, r, device, dtype)
         fns = providers(d)

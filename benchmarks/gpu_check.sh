@@ -33,9 +33,11 @@ stage() { echo "== $(date +%T) $*"; }
   stage "tests on CUDA"
   # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
   # (first config of each autotune list: correctness needs no tuning, and every config costs a compile)
-  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -q -x -m "not slow" \
-    -p no:cacheprovider 2>&1 | tail -25
-  # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds
+  # -v into $OUT/tests.log as they run: a suite cut by the timeout still says which tests passed
+  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -v -x -m "not slow" \
+    --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds (its rows
+  # are saved as they come: a cut suite leaves a table marked PARTIAL)
   benches=$(if [ -n "${BENCHES:-}" ]; then printf 'benchmarks/bench_%s.py ' $BENCHES; else ls benchmarks/bench_*.py; fi)
   for bench in $benches; do
     stage "$bench"

@@ -109,11 +109,8 @@ def out_dir(args) -> str:
     return path
 
 
-def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
-    """Write <out>/<stem>.json, <out>/<stem>.md (a table of `rows`, header from their keys) and <out>/<stem>.png
-    (benchmarks/plot.py; skipped without matplotlib)."""
-    env = environment()
-    path = out_dir(args)
+def _write_table(stem, rows, path, env, notes=""):
+    """<path>/<stem>.json and <path>/<stem>.md (a table of `rows`, header from their keys); returns the table."""
     with open(os.path.join(path, f"{stem}.json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -127,6 +124,42 @@ def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
     table = "\n".join(lines) + "\n"
     with open(os.path.join(path, f"{stem}.md"), "w") as f:
         f.write(table)
+    return table
+
+
+class Rows(list):
+    """A suite's result rows, saved (JSON + markdown, marked partial) at every append: a suite cut by the GPU
+    run's time limit keeps the rows it measured. write_results writes the final table over them."""
+
+    def __init__(self, stem, args):
+        super().__init__()
+        self.stem, self.path, self.env = stem, out_dir(args), None
+
+    def _save(self):
+        self.env = self.env or environment()
+        _write_table(self.stem, list(self), self.path, self.env,
+                     "PARTIAL: the suite was cut before its end; the rows measured so far.")
+
+    def append(self, row):
+        super().append(row)
+        self._save()
+
+    def extend(self, rows):
+        super().extend(rows)
+        self._save()
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
+def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
+    """Write <out>/<stem>.json, <out>/<stem>.md (a table of `rows`, header from their keys) and <out>/<stem>.png
+    (benchmarks/plot.py; skipped without matplotlib)."""
+    env = environment()
+    path = out_dir(args)
+    rows = list(rows)
+    table = _write_table(stem, rows, path, env, notes)
     try:
         plot.plot(stem, rows, os.path.join(path, f"{stem}.png"),
                   f"{stem}: {env['card']}, commit {env['commit']}, {env['date']}")

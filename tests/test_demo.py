@@ -129,3 +129,21 @@ def test_bench_quick_writes_table_and_plot(suite, tmp_path, monkeypatch, capfd):
     assert rows and all("provider" in row for row in rows)
     assert (tmp_path / f"{stem}.md").read_text().count("\n|") >= len(rows) + 1
     assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rows_are_saved_as_they_come(tmp_path):
+    """A suite cut by the GPU run's time limit keeps what it measured: every appended row is on disk at once,
+    marked partial until the final table replaces it."""
+    from argparse import Namespace
+
+    from benchmarks import harness
+
+    args = Namespace(out=str(tmp_path), quick=True)
+    rows = harness.Rows("adamw", args)
+    rows.append({"set": "lite", "provider": "ours", "ms": 1.0})
+    rows += [{"set": "lite", "provider": "torch", "ms": 2.0}]
+    assert len(json.loads((tmp_path / "adamw.json").read_text())["rows"]) == 2
+    assert "PARTIAL" in (tmp_path / "adamw.md").read_text()
+    harness.write_results("adamw", rows, args)
+    assert "PARTIAL" not in (tmp_path / "adamw.md").read_text()
+    assert len(json.loads((tmp_path / "adamw.json").read_text())["rows"]) == 2
