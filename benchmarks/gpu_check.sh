@@ -4,7 +4,8 @@
 # (default benchmarks/results/), the log to $OUT/gpu_check.log; the markdown tables print last. PNG plots
 # too where matplotlib is installed; else draw them here: python -m benchmarks.plot <the fetched .json files>.
 # Usage, from the repository root on the GPU machine (no network): bash ../shared/tools/peer-wheels.sh here
-# first, carry .whl/, and name the commit (the device copy has no .git):
+# first, then `python3 -m pip download -q --no-deps --only-binary=:all: -d .whl pytest-xdist execnet` (parallel
+# tests), carry .whl/, and name the commit (the device copy has no .git):
 #   QLORA_KERNELS_COMMIT=<git rev-parse --short HEAD, run here> OUT=$OUT bash benchmarks/gpu_check.sh
 set -uo pipefail
 export OUT=${OUT:-benchmarks/results}
@@ -33,9 +34,13 @@ stage() { echo "== $(date +%T) $*"; }
   stage "tests on CUDA"
   # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
   # (first config of each autotune list: correctness needs no tuning, and every config costs a compile)
-  # -v into $OUT/tests.log as they run: a suite cut by the timeout still says which tests passed
-  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} -v -x -m "not slow" \
-    --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  # -v into $OUT/tests.log as they run: a suite cut by the timeout still says which tests passed. The two
+  # kernel test files compile ~300 kernel variants on CUDA (~1 s each): with pytest-xdist carried in .whl/,
+  # TEST_WORKERS processes (default 8) compile them side by side
+  workers=$(python -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+  echo "pytest workers: ${workers:-none (pytest-xdist not installed)}"
+  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v -x \
+    -m "not slow" --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds (its rows
   # are saved as they come: a cut suite leaves a table marked PARTIAL)
   benches=$(if [ -n "${BENCHES:-}" ]; then printf 'benchmarks/bench_%s.py ' $BENCHES; else ls benchmarks/bench_*.py; fi)

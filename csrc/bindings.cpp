@@ -36,8 +36,9 @@ void nf4_quantize_cuda_binding(const torch::Tensor& x, torch::Tensor& packed, to
   check_cuda(x, "x");
   check_cuda(packed, "packed");
   check_cuda(absmax, "absmax");
-  nf4_quantize_cuda(x.data_ptr(), float_type(x), x.numel(), blocksize, packed.data_ptr<uint8_t>(),
-                    absmax.data_ptr<float>(), reinterpret_cast<void*>(stream));
+  const char* err = nf4_quantize_cuda(x.data_ptr(), float_type(x), x.numel(), blocksize, packed.data_ptr<uint8_t>(),
+                                      absmax.data_ptr<float>(), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "nf4_quantize_cuda: launch failed: ", err);
 }
 
 void nf4_dequantize_cuda_binding(const torch::Tensor& packed, const torch::Tensor& scales,
@@ -49,10 +50,11 @@ void nf4_dequantize_cuda_binding(const torch::Tensor& packed, const torch::Tenso
   check_cuda(out, "out");
   const bool nested = absmax2.has_value();
   TORCH_CHECK(nested == (scales.scalar_type() == torch::kUInt8), "scales must be uint8 exactly when nested");
-  nf4_dequantize_cuda(packed.data_ptr<uint8_t>(), scales.data_ptr(), nested ? absmax2->data_ptr<float>() : nullptr,
-                      nested ? code2->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,
-                      out.numel(), blocksize, nested_blocksize, out.data_ptr(), float_type(out),
-                      reinterpret_cast<void*>(stream));
+  const char* err = nf4_dequantize_cuda(
+      packed.data_ptr<uint8_t>(), scales.data_ptr(), nested ? absmax2->data_ptr<float>() : nullptr,
+      nested ? code2->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr, out.numel(),
+      blocksize, nested_blocksize, out.data_ptr(), float_type(out), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "nf4_dequantize_cuda: launch failed: ", err);
 }
 
 bool power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
@@ -90,12 +92,13 @@ void nf4_lora_gemv_cuda_binding(const torch::Tensor& x, const torch::Tensor& pac
     check_cuda(*bias, "bias");
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == n, "bias must be fp32 (out,)");
   }
-  nf4_lora_gemv_cuda(x.data_ptr(), packed.data_ptr<uint8_t>(), scales.data_ptr(),
-                     nested ? absmax2->data_ptr<float>() : nullptr, nested ? code2->data_ptr<float>() : nullptr,
-                     nested ? offset->data_ptr<float>() : nullptr, code.data_ptr<float>(), xa.data_ptr(),
-                     lora_B.data_ptr(), lora_B.stride(0), lora_B.stride(1), r,
-                     bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr(), float_type(x), n, k, blocksize,
-                     nested_blocksize, reinterpret_cast<void*>(stream));
+  const char* err = nf4_lora_gemv_cuda(
+      x.data_ptr(), packed.data_ptr<uint8_t>(), scales.data_ptr(), nested ? absmax2->data_ptr<float>() : nullptr,
+      nested ? code2->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,
+      code.data_ptr<float>(), xa.data_ptr(), lora_B.data_ptr(), lora_B.stride(0), lora_B.stride(1), r,
+      bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr(), float_type(x), n, k, blocksize,
+      nested_blocksize, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "nf4_lora_gemv_cuda: launch failed: ", err);
 }
 
 // Cross-entropy rows of logits (N, V) (rows at any stride, columns contiguous): loss, lse (N,) fp32 and, when

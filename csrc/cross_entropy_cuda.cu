@@ -284,7 +284,9 @@ const char* cross_entropy_cluster_cuda(const void* logits, void* grad, FloatType
                                       grad_stride_row, ignore_index, smoothing, z_loss, cap, mean, write_ignored, s);
       break;
   }
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  if (err == cudaSuccess) return nullptr;
+  cudaGetLastError();   // a refused launch also sets the runtime's last error: clear it, the binding raises this one
+  return cudaGetErrorString(err);
 }
 
 }  // namespace qlora_kernels

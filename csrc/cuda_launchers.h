@@ -7,25 +7,28 @@ namespace qlora_kernels {
 
 enum class FloatType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Each launcher returns null, or the launch error's message (bad configuration, no kernel image for the
+// card, ...): the binding raises it at once instead of leaving the output unwritten.
+
 // x (n,) -> packed (ceil(n/2),), absmax (ceil(n/blocksize),) fp32.
-void nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocksize, uint8_t* packed,
-                       float* absmax, void* stream);
+const char* nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocksize, uint8_t* packed,
+                              float* absmax, void* stream);
 
 // packed -> out (n,) in dtype. Plain scales: `scales` is fp32 absmax and absmax2/code2/offset are null.
 // Double quant: `scales` is the uint8 codes, scale = code2[q] * absmax2[b / nested_blocksize] + *offset.
-void nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
-                         const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
-                         FloatType dtype, void* stream);
+const char* nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
+                                const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
+                                FloatType dtype, void* stream);
 
 // Decode (one token) of nf4_lora_linear: y (n_out,) = dequant(W) x + lora_b xa + bias, with x (k,), xa (r,),
 // lora_b (n_out, r) at the given strides and y all in dtype, bias fp32 or null; scales as for dequantize;
 // code the 16 fp32 NF4 values. k % 32 == 0, k % blocksize == 0, blocksize and nested_blocksize powers of
 // two, blocksize >= 32; x, packed 16-byte aligned.
-void nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales, const float* absmax2,
-                        const float* code2, const float* offset, const float* code, const void* xa,
-                        const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,
-                        void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
-                        int64_t nested_blocksize, void* stream);
+const char* nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales, const float* absmax2,
+                               const float* code2, const float* offset, const float* code, const void* xa,
+                               const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,
+                               void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
+                               int64_t nested_blocksize, void* stream);
 
 // Cross-entropy of rows of logits (n_rows, V) at stride_row, one row per cluster of up to 8 CTAs (sm_90+):
 // loss and lse (n_rows,) fp32, and when grad is not null the gradient of the summed loss (times

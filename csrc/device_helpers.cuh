@@ -34,4 +34,10 @@ __device__ __forceinline__ float block_scale(const void* scales, const float* ab
   return static_cast<const float*>(scales)[block];
 }
 
+// After a <<<>>> launch: null, or the message of the error it raised (the launchers' return value).
+inline const char* last_launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 }  // namespace qlora_kernels

@@ -10,8 +10,16 @@
 namespace qlora_kernels {
 namespace {
 
-__constant__ float kCode[16];
-__constant__ float kMidpoints[15];
+// Initialized at compile time: every device's copy of the module has them (a runtime upload reached only the
+// device current at the first call, and a first call under stream capture would break the capture).
+#define QK_MID(k) ((kNF4Code[k] + kNF4Code[k + 1]) / 2.0f)
+__constant__ float kCode[16] = {kNF4Code[0],  kNF4Code[1],  kNF4Code[2],  kNF4Code[3],  kNF4Code[4],  kNF4Code[5],
+                                kNF4Code[6],  kNF4Code[7],  kNF4Code[8],  kNF4Code[9],  kNF4Code[10], kNF4Code[11],
+                                kNF4Code[12], kNF4Code[13], kNF4Code[14], kNF4Code[15]};
+__constant__ float kMidpoints[15] = {QK_MID(0), QK_MID(1), QK_MID(2),  QK_MID(3),  QK_MID(4),
+                                     QK_MID(5), QK_MID(6), QK_MID(7),  QK_MID(8),  QK_MID(9),
+                                     QK_MID(10), QK_MID(11), QK_MID(12), QK_MID(13), QK_MID(14)};
+#undef QK_MID
 
 constexpr int kQuantThreads = 256;
 
@@ -73,16 +81,6 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const void
   }
 }
 
-void upload_tables() {
-  static bool done = false;  // constant memory is per context; one device is the supported case
-  if (done) return;
-  float mids[15];
-  for (int k = 0; k < 15; ++k) mids[k] = (kNF4Code[k] + kNF4Code[k + 1]) / 2.0f;
-  cudaMemcpyToSymbol(kCode, kNF4Code, sizeof(kNF4Code));
-  cudaMemcpyToSymbol(kMidpoints, mids, sizeof(mids));
-  done = true;
-}
-
 template <typename T>
 void launch_dequantize(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
                        const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
@@ -101,9 +99,9 @@ void launch_dequantize(const uint8_t* packed, const void* scales, const float* a
 
 }  // namespace
 
-void nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
-                       void* stream) {
-  upload_tables();
+const char* nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocksize, uint8_t* packed,
+                              float* absmax, void* stream) {
+  if (n == 0) return nullptr;
   const unsigned grid = static_cast<unsigned>((n + blocksize - 1) / blocksize);
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -118,12 +116,13 @@ void nf4_quantize_cuda(const void* x, FloatType dtype, int64_t n, int64_t blocks
                                                      absmax);
       break;
   }
+  return last_launch_error();
 }
 
-void nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
-                         const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
-                         FloatType dtype, void* stream) {
-  upload_tables();
+const char* nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float* absmax2, const float* code2,
+                                const float* offset, int64_t n, int64_t blocksize, int64_t nested_blocksize, void* out,
+                                FloatType dtype, void* stream) {
+  if (n == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case FloatType::kFloat32:
@@ -137,6 +136,7 @@ void nf4_dequantize_cuda(const uint8_t* packed, const void* scales, const float*
                                        s);
       break;
   }
+  return last_launch_error();
 }
 
 }  // namespace qlora_kernels

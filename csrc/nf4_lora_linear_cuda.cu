@@ -163,11 +163,12 @@ void launch_gemv(const void* x, const uint8_t* packed, const void* scales, const
 
 }  // namespace
 
-void nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales, const float* absmax2,
-                        const float* code2, const float* offset, const float* code, const void* xa,
-                        const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,
-                        void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
-                        int64_t nested_blocksize, void* stream) {
+const char* nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales, const float* absmax2,
+                               const float* code2, const float* offset, const float* code, const void* xa,
+                               const void* lora_b, int64_t stride_bn, int64_t stride_br, int64_t r, const float* bias,
+                               void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
+                               int64_t nested_blocksize, void* stream) {
+  if (n_out == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case FloatType::kFloat32:
@@ -183,6 +184,7 @@ void nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void* scales
                                  bias, y, n_out, k, blocksize, nested_blocksize, s);
       break;
   }
+  return last_launch_error();
 }
 
 }  // namespace qlora_kernels

@@ -168,7 +168,7 @@ CUDA_EXT = torch.cuda.is_available() and getattr(_backend.native(), "with_cuda",
 @pytest.mark.parametrize("dtype", DTYPES)
 # (N, K, r, blocksize, double_quant): rows past the last CTA's, K-slices split unevenly over the warps,
 # r past one warp's 32 lanes, blocksize 32 (one scale per lane), 128 and 4096 (several K-slices per scale)
-@pytest.mark.parametrize("shape", [(37, 96, 1, 64, True), (300, 2080, 40, 32, False), (64, 4096, 256, 4096, True),
+@pytest.mark.parametrize("shape", [(37, 96, 1, 32, True), (300, 2080, 40, 32, False), (64, 4096, 256, 4096, True),
                                    (8, 1024, 8, 128, False)])
 def test_cuda_decode_kernel(dtype, shape, monkeypatch):
     """QLORA_KERNELS_DECODE=cuda: one token through csrc/nf4_lora_linear_cuda.cu, against the fp32 reference
@@ -177,6 +177,7 @@ def test_cuda_decode_kernel(dtype, shape, monkeypatch):
     N, K, r, bs, dq = shape
     qw, x, A, B, b = _make(1, N, K, r, bs, dq, dtype, "cuda", bias=True)
     assert ops.cuda_decode(x, bs, qw.nested_blocksize if dq else None)
+    assert not ops.cuda_decode(x, 1 << K.bit_length(), None)   # a block past one row: the kernel indexes per row
     _compare(qw, x, A, B, b, 2.0, "default")
     _compare(qw, x, A.to(dtype), B.to(dtype), None, 0.5, "default")
     big = torch.randn(3, 5, K, device="cuda").to(dtype)

@@ -81,6 +81,13 @@ def cuda_stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def launch_native(name, device, *args):
+    """The extension's CUDA launcher `name`(*args, stream) on `device`'s current stream, with `device` made the
+    current one for the call (the launchers use the runtime's current device, as a kernel launch does)."""
+    with torch.cuda.device(device):
+        return getattr(native(), name)(*args, cuda_stream(device))
+
+
 def check_same_device(**tensors):
     """Raise ValueError naming each tensor's device when they are not all on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}

@@ -128,8 +128,8 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
     common = dict(HAS_SOFTCAP=softcap is not None)
     mode = _ce_mode()
     if gscale is None and cluster_ce(x, grad):
-        _backend.native().cross_entropy_cluster_cuda(x, grad, labels, loss, lse, count, ignore_index, smoothing, z_loss,
-                                                     sc, mean, write_ignored, _backend.cuda_stream(x.device))
+        _backend.launch_native("cross_entropy_cluster_cuda", x.device, x, grad, labels, loss, lse, count, ignore_index,
+                               smoothing, z_loss, sc, mean, write_ignored)
         return
     if mode == "row" and gscale is None:
         rb = block_v or min(int(os.environ.get("QLORA_KERNELS_CE_BLOCK_V", kernels.CE_ROW_BLOCK_V)),

@@ -143,13 +143,13 @@ def _quantize_cuda_ext(x, blocksize):
     n = x.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
-    _backend.native().nf4_quantize_cuda(x, packed, absmax, blocksize, _backend.cuda_stream(x.device))
+    _backend.launch_native("nf4_quantize_cuda", x.device, x, packed, absmax, blocksize)
     return packed, absmax
 
 
 def _dequantize_cuda_ext(qweight):
     out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
     scales, absmax2, code2, offset = qweight.scale_tensors()
-    _backend.native().nf4_dequantize_cuda(qweight.packed, scales, absmax2, code2, offset, out, qweight.blocksize,
-                                          qweight.nested_blocksize, _backend.cuda_stream(out.device))
+    _backend.launch_native("nf4_dequantize_cuda", out.device, qweight.packed, scales, absmax2, code2, offset, out,
+                           qweight.blocksize, qweight.nested_blocksize)
     return out

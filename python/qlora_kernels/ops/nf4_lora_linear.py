@@ -176,8 +176,9 @@ def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
     instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup):
     QLORA_KERNELS_DECODE=cuda, opt-in until a GPU run has measured it. Needs the extension built with CUDA
-    (an error names it otherwise), in_features % 32 == 0 and power-of-two block sizes; other shapes keep
-    the Triton kernel."""
+    (an error names it otherwise), in_features % 32 == 0, a multiple of the power-of-two block size (the
+    kernel indexes one row's scales), and a power-of-two nested block size; other shapes keep the Triton
+    kernel."""
     decode = os.environ.get("QLORA_KERNELS_DECODE", "triton")
     if decode not in DECODES:
         raise ValueError(f"QLORA_KERNELS_DECODE={decode!r}: expected one of {DECODES}")
@@ -187,16 +188,16 @@ def cuda_decode(x2d, blocksize, nested):
         raise RuntimeError("QLORA_KERNELS_DECODE=cuda needs qlora_kernels._C built with CUDA (nvcc at install time)")
     power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
     return (x2d.shape[1] % 32 == 0 and blocksize >= 32 and power_of_two(blocksize)
-            and (nested is None or power_of_two(nested)))
+            and x2d.shape[1] % blocksize == 0 and (nested is None or power_of_two(nested)))
 
 
 def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y, blocksize, nested):
     x1 = x2d.contiguous()
     if x1.data_ptr() % 16:   # a view at an odd offset: the kernel reads x in 16-byte vectors
         x1 = x1.clone()
-    _backend.native().nf4_lora_gemv_cuda(x1, packed, scales, absmax2, code2, offset, _code_table(x1.device), xa,
-                                         B, None if bias is None else bias.float().contiguous(), y, blocksize, nested,
-                                         _backend.cuda_stream(x1.device))
+    _backend.launch_native("nf4_lora_gemv_cuda", x1.device, x1, packed, scales, absmax2, code2, offset,
+                           _code_table(x1.device), xa, B, None if bias is None else bias.float().contiguous(), y,
+                           blocksize, nested)
 
 
 def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):
