@@ -15,6 +15,7 @@ Reports tokens/s (all positions) and peak memory of a step. --quick runs a tiny 
 """
 import contextlib
 import copy
+import gc
 
 import torch
 
@@ -145,7 +146,10 @@ def main():
         except ImportError as err:
             print(f"bnb+peft+torch+liger skipped: {err}")
         results = {}
-        for name, step in providers.items():
+        for name in list(providers):
+            # popped: once measured, its optimizer states go (a peer must not run out of memory because an
+            # earlier provider's states are still on the device)
+            step = providers.pop(name)
             try:
                 ms = harness.time_ms(step, reps=3 if device == "cpu" else 5)
                 peak = harness.peak_memory_mb(step)
@@ -156,9 +160,12 @@ def main():
                 rows.append({"model": shape, "lora": lora_name, "batch x seq": f"{n_rows}x{seq}", "provider": name,
                              "ms/step": None, "peak MB": "OOM" if oom else "failed"})
                 results[name] = float("nan")
+                continue
+            finally:
+                step = None
+                gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                continue
             results[name] = ms
             rows.append({"model": shape, "lora": lora_name, "batch x seq": f"{n_rows}x{seq}", "provider": name,
                          "ms/step": ms, "tokens/s": n_rows * seq / ms * 1e3, "peak MB": peak,

@@ -59,22 +59,25 @@ def providers(d):
         "cublas_bf16": lambda x, A, B: F.linear(x, w),
     }
     try:
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes as bnb
 
         packed, qs = qw.to_bnb()
 
         def bnb_peft(x, A, B):
-            # PEFT's bnb Linear4bit: dequantize_4bit + F.linear, then lora_B(lora_A(dropout(x))) * scaling in
-            # the LoRA weights' dtype (fp32 by default), cast back and added
-            result = F.linear(x, bnbf.dequantize_4bit(packed, qs).to(x.dtype))
+            # PEFT's lora.bnb.Linear4bit: the base Linear4bit's bnb.matmul_4bit (its fused 4-bit kernel for
+            # small M without grad, else dequantize + cuBLAS), PEFT's defensive clone, then
+            # lora_B(lora_A(dropout(x))) * scaling in the LoRA weights' dtype (fp32 by default), cast back, added
+            result = bnb.matmul_4bit(x, packed, quant_state=qs).clone()
             xl = F.dropout(x.to(A.dtype), p, training=True)
             return result + (F.linear(F.linear(xl, A), B) * scaling).to(x.dtype)
+
         def bnb_peft_autocast(x, A, B):
             # the same under bf16 autocast, as Trainer(bf16=True) runs it: PEFT then skips the cast to fp32, and
             # autocast runs dropout, the LoRA GEMMs and the scaling in bf16
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                result = F.linear(x, bnbf.dequantize_4bit(packed, qs).to(x.dtype))
+                result = bnb.matmul_4bit(x, packed, quant_state=qs).clone()
                 return result + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * scaling
+
         out["bnb_peft"] = bnb_peft
         out["bnb_peft_autocast"] = bnb_peft_autocast
     except Exception as err:  # bitsandbytes missing or not built for this machine
@@ -99,7 +102,10 @@ def run_one(fn, d, mode, graph=False):
             fn(x, A, B).backward(dy)
     if graph:
         return harness.graph_ms(step), None
-    return harness.time_ms(step), harness.peak_memory_mb(step)
+
+    def drop_grads():
+        x.grad = A.grad = B.grad = None
+    return harness.time_ms(step), harness.peak_memory_mb(step, drop_grads)
 
 
 def main():
@@ -116,7 +122,7 @@ def main():
         # from a CUDA graph, which times the kernels against the weight bytes (the decode target)
         graphed = [(f"{name}[graph]", fn, True) for name, fn in fns.items()] if M <= 16 and device == "cuda" else []
         for mode in ("fwd", "fwd+bwd") if M >= TRAIN_M or device != "cuda" else ("fwd",):
-            base = None
+            base = {}   # ours' ms, end to end and replayed from a graph: each row is compared with its kind
             for label, fn, graph in [(name, fn, False) for name, fn in fns.items()] + graphed:
                 name = label.removesuffix("[graph]")
                 if name in OURS and name != "ours" and (device != "cuda" or (name == "ours_cuda_decode" and M != 1)):
@@ -128,6 +134,8 @@ def main():
                     ms, mem = run_one(fn, d, mode, graph)
                 except Exception as err:  # noqa: BLE001 - one provider's failure must not cost the others' rows
                     print(f"{label} {M}x{N}x{K} {mode} failed: {err}")
+                    rows.append({"M": M, "N": N, "K": K, "r": r, "mode": mode, "provider": label, "ms": None,
+                                 "error": f"{type(err).__name__}: {err}"[:120]})
                     continue
                 finally:
                     for key in OURS.get(name, {}):
@@ -142,12 +150,13 @@ def main():
                     row["frac_ceiling"] = gbs / bw if (bw and name in OURS) else None
                 else:
                     row["frac_ceiling"] = fl / ms / 1e9 / harness.BF16_DENSE_TFLOPS
-                if label == "ours":
-                    base = ms
+                if name == "ours":
+                    base[graph] = ms
                 rows.append(row)
             for row in rows:
                 if row["M"] == M and row["N"] == N and row["K"] == K and row["r"] == r and row["mode"] == mode:
-                    row["ours_speedup"] = row["ms"] / base if base else None
+                    ours_ms = base.get(row["provider"].endswith("[graph]"))
+                    row["ours_speedup"] = row["ms"] / ours_ms if ours_ms and row["ms"] else None
         del d, fns
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -157,11 +166,12 @@ def main():
                                 "Dropout 0.1 on the LoRA branch for every provider but cublas_bf16. frac_ceiling: "
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
                                 "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph "
-                                "(kernel time, no Python or launch cost; its ours_speedup is against the end-to-end "
-                                "ours). ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
+                                "(kernel time, no Python or launch cost; its ours_speedup is against ours[graph]). "
+                                "A provider that failed has a row with its error. ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
                                 "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): "
-                                "the extension's CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails, and loses its row, "
-                                "without a CUDA build). bnb_peft runs PEFT's LoRA branch in its fp32 weights' dtype "
+                                "the extension's CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails without a CUDA "
+                                "build). bnb_peft: bnb.matmul_4bit as bnb's Linear4bit calls it, and PEFT's "
+                                "LoRA branch in its fp32 weights' dtype "
                                 "(no autocast); bnb_peft_autocast under bf16 autocast, as Trainer(bf16=True).")
 
 

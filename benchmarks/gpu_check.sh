@@ -22,15 +22,22 @@ stage() { echo "== $(date +%T) $*"; }
     export PYTHONPATH="$HOME/site:${PYTHONPATH:-}" PATH="$HOME/site/bin:$PATH"  # bin/: ninja, when carried
   fi
   python -c "import bitsandbytes, liger_kernel; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
-  stage "build (sm_90 only)"
   # a plain --target install (an editable one was seen not to import on that machine); EXT=0 skips the C++/CUDA
-  # extension (saves its compile when only the Triton kernels are measured)
+  # extension (saves its compile when only the Triton kernels are measured); REUSE_BUILD=1 keeps the install
+  # of an earlier call on the same (still warm) machine
   no_ext=$([ "${EXT:-1}" = 0 ] && echo 1 || echo 0)
-  QLORA_KERNELS_NO_EXT=$no_ext QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q \
-    --no-build-isolation --no-deps --target "$HOME/qk" . || echo "BUILD FAILED"
+  if [ "${REUSE_BUILD:-0}" = 1 ] && [ -d "$HOME/qk/qlora_kernels" ]; then
+    stage "build reused from $HOME/qk"
+  else
+    stage "build (sm_90 only)"
+    rm -rf "$HOME/qk"
+    QLORA_KERNELS_NO_EXT=$no_ext QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q \
+      --no-build-isolation --no-deps --target "$HOME/qk" . || echo "BUILD FAILED"
+  fi
   export PYTHONPATH="$HOME/qk:${PYTHONPATH:-}"
   if [ "$no_ext" = 1 ]; then export QLORA_KERNELS_NO_EXT=1  # tests skip the CPU extension's paths
   else python -c "import qlora_kernels._C as c; print('extension with_cuda =', c.with_cuda)"; fi
+  if [ "${SKIP_TESTS:-0}" = 1 ]; then stage "tests skipped (SKIP_TESTS=1)"; else
   stage "tests on CUDA"
   # TESTS="tests/test_nf4.py ..." narrows the suite (default: all of tests/), cut at TEST_TIMEOUT seconds
   # (first config of each autotune list: correctness needs no tuning, and every config costs a compile)
@@ -41,13 +48,18 @@ stage() { echo "== $(date +%T) $*"; }
   echo "pytest workers: ${workers:-none (pytest-xdist not installed)}"
   QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v -x \
     -m "not slow" --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
-  # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds (its rows
-  # are saved as they come: a cut suite leaves a table marked PARTIAL)
+  fi
+  # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds, or at
+  # BENCH_TIMEOUT_<suite> (e.g. BENCH_TIMEOUT_e2e=300) where set; rows are saved as they come: a cut suite
+  # leaves a table marked PARTIAL
   benches=$(if [ -n "${BENCHES:-}" ]; then printf 'benchmarks/bench_%s.py ' $BENCHES; else ls benchmarks/bench_*.py; fi)
   for bench in $benches; do
-    stage "$bench"
-    timeout "${BENCH_TIMEOUT:-75}" python -m "benchmarks.$(basename "$bench" .py)" --out "$OUT" > "$OUT/$(basename "$bench" .py).log" 2>&1 \
-      || { echo "FAILED or timed out:"; tail -5 "$OUT/$(basename "$bench" .py).log"; }
+    suite=$(basename "$bench" .py); suite=${suite#bench_}
+    limit_var="BENCH_TIMEOUT_$suite"
+    limit=${!limit_var:-${BENCH_TIMEOUT:-75}}
+    stage "$bench (limit ${limit} s)"
+    timeout "$limit" python -m "benchmarks.bench_$suite" --out "$OUT" > "$OUT/bench_$suite.log" 2>&1 \
+      || { echo "FAILED or timed out:"; tail -5 "$OUT/bench_$suite.log"; }
   done
   stage done
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -32,11 +32,13 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def time_ms(fn, reps: int = 20) -> float:
+def time_ms(fn, reps: int = 7, device: str | None = None) -> float:
     """Median milliseconds of fn(), warm (called once before timing). CUDA: triton's do_bench (L2 flushed
     between calls), except for calls of 50 ms or more (a whole training step), which are timed `reps` times
-    end to end: do_bench would run such a step dozens of times."""
-    if torch.cuda.is_available():
+    end to end: do_bench would run such a step dozens of times. device="cpu": host timing even where a GPU
+    exists (CPU work)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
         fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -51,7 +53,7 @@ def time_ms(fn, reps: int = 20) -> float:
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
@@ -66,10 +68,14 @@ def graph_ms(fn) -> float:
     return time_ms(graph.replay)
 
 
-def peak_memory_mb(fn) -> float | None:
-    """Peak CUDA memory allocated during fn() above what was allocated before, in MB (None on CPU)."""
-    if not torch.cuda.is_available():
+def peak_memory_mb(fn, reset=None, device: str | None = None) -> float | None:
+    """Peak CUDA memory allocated during fn() above what was allocated before, in MB (None on CPU). `reset`
+    runs first, before the baseline is read: it must free what fn() itself frees and reallocates (the .grad of
+    the previous call), or that memory is counted in the baseline and the new allocation hides in it."""
+    if not torch.cuda.is_available() or device == "cpu":
         return None
+    if reset is not None:
+        reset()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
