@@ -44,7 +44,8 @@ stage() { echo "== $(date +%T) $*"; }
   # -v into $OUT/tests.log as they run: a suite cut by the timeout still says which tests passed. The two
   # kernel test files compile ~300 kernel variants on CUDA (~1 s each): with pytest-xdist carried in .whl/,
   # TEST_WORKERS processes (default 8) compile them side by side
-  workers=$(python -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+  workers=$(python -c "import xdist, pytest; assert int(pytest.__version__.split('.')[0]) >= 7" 2>/dev/null \
+    && echo "-n ${TEST_WORKERS:-8}")   # pytest-xdist 3.8 needs pytest >= 7
   echo "pytest workers: ${workers:-none (pytest-xdist not installed)}"
   QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v -x \
     -m "not slow" --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
