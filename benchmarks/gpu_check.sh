@@ -62,6 +62,12 @@ stage() { echo "== $(date +%T) $*"; }
     timeout "$limit" python -m "benchmarks.bench_$suite" --out "$OUT" > "$OUT/bench_$suite.log" 2>&1 \
       || { echo "FAILED or timed out:"; tail -5 "$OUT/bench_$suite.log"; }
   done
+  if [ "${DEMO:-0}" = 1 ]; then   # the main job on the GPU defaults (DEMO_STEPS shortens it), cut at DEMO_TIMEOUT
+    stage "qlora-kernels demo"
+    timeout "${DEMO_TIMEOUT:-120}" python -m qlora_kernels.cli demo --out "$OUT" \
+      ${DEMO_STEPS:+--steps "$DEMO_STEPS"} > "$OUT/demo.log" 2>&1 || echo "demo FAILED or timed out"
+    tail -15 "$OUT/demo.log"
+  fi
   stage done
 } 2>&1 | tee "$OUT/gpu_check.log"
 cat "$OUT"/*.md 2>/dev/null
