@@ -46,6 +46,8 @@ def test_demo_short_run(tmp_path, monkeypatch):
     (["--threads", "-1"], "expected a positive integer"),
     (["--lr", "nan"], "expected a positive number"),
     (["--bogus"], "unrecognized arguments"),
+    (["--seed", str(2**64)], "seed must be an integer in [0, 2**64)"),
+    (["--seed", "-3"], "seed must be an integer in [0, 2**64)"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -147,3 +149,20 @@ def test_bench_rows_are_saved_as_they_come(tmp_path):
     harness.write_results("adamw", rows, args)
     assert "PARTIAL" not in (tmp_path / "adamw.md").read_text()
     assert len(json.loads((tmp_path / "adamw.json").read_text())["rows"]) == 2
+
+
+def test_model_whose_logits_are_not_the_head_output(tmp_path, capsys):
+    """--model with logits scaled after the LM head (Granite's logits_scaling): our loss would compute another
+    objective than the reference's, so the demo refuses it in one line."""
+    import transformers
+    from test_patch import _tokenizer
+
+    cfg = transformers.GraniteConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0)
+    transformers.GraniteForCausalLM(cfg).save_pretrained(tmp_path)
+    _tokenizer().save_pretrained(tmp_path)
+    capsys.readouterr()                          # save_pretrained's progress bars
+    assert cli.main(["demo", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err       # transformers' loading bar may come first
+    ours = [line for line in err.splitlines() if "qlora-kernels demo:" in line]
+    assert len(ours) == 1 and "GraniteForCausalLM is not a supported causal LM" in ours[0], err

@@ -42,6 +42,17 @@ def bench(args) -> int:
     return status
 
 
+def _seed(text):
+    """An argparse type: an integer torch.manual_seed accepts (0 <= seed < 2**64), else a one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 2**64), got {text!r}")
+    return value
+
+
 def _positive(cast, what):
     """An argparse type: `cast(text)`, finite and > 0, else a one-line error naming `what`."""
     def parse(text):
@@ -75,7 +86,7 @@ def main(argv=None) -> int:
                         "instead of the built-in random-init Llama")
     p_demo.add_argument("--out", default=".", metavar="DIR", help="where demo_loss.png goes (default .)")
     p_demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--seed", type=_seed, default=0)
     p_demo.add_argument("--lr", type=positive_float, default=None,
                         help="peak learning rate (built-in model 3e-3 CPU / 2e-3 CUDA; --model 1e-4)")
     p_demo.add_argument("--threads", type=positive_int, default=None,

@@ -442,6 +442,8 @@ def _run_demo(steps, model_path, out_dir, device, seed, batch_size, lr, threads,
         raise DemoError(f"cannot create output directory {out_dir!r}: {err.strerror or err}") from None
     if not os.access(out_dir, os.W_OK):
         raise DemoError(f"output directory {out_dir!r} is not writable")
+    if os.path.isdir(os.path.join(out_dir, "demo_loss.png")):
+        raise DemoError(f"cannot write the plot: {os.path.join(out_dir, 'demo_loss.png')!r} is a directory")
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
 
     data = make_dataset(s.n_train + s.n_eval, seed)
@@ -450,8 +452,13 @@ def _run_demo(steps, model_path, out_dir, device, seed, batch_size, lr, threads,
         try:
             model, tok = load_model(model_path, s, device)
         except Exception as err:  # noqa: BLE001  (any loader failure is one line for the user)
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DemoError(f"cannot load a causal LM from {model_path!r}: {msg}") from None
+            msg = " ".join(str(err).split()) or type(err).__name__      # the whole message, on one line
+            raise DemoError(f"cannot load a causal LM from {model_path!r}: {msg[:400]}") from None
+        from qlora_kernels.patch import LOSS_MODEL_CLASSES, _loss_plan
+        reason = _loss_plan(model)   # our loss reads the LM head's output as the logits: no scaling or softcap
+        if reason is not None:
+            raise DemoError(f"cannot train {model_path!r} with the fused loss: {reason}; the demo takes "
+                            f"{', '.join(LOSS_MODEL_CLASSES)} checkpoints")
         what = f"{model_path} ({model.config.model_type})"
     else:
         tok = WordTokenizer()
