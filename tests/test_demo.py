@@ -25,18 +25,34 @@ def test_demo_short_run(tmp_path, monkeypatch):
     out = io.StringIO()
     res = run_demo(steps=12, out_dir=str(tmp_path), device="cpu", progress=False, out=out)
     text = out.getvalue()
-    assert "| run | final loss | step time (ms) | tokens/s | peak memory" in text
+    assert "| run | final loss | step time (ms) | tokens/s | step peak memory (MiB, CPU tensors, profiler) |" in text
     assert "| qlora_kernels |" in text and "| reference (PyTorch) |" in text
     assert "MAE $" in text and "before fine-tuning" in text
     png = tmp_path / "demo_loss.png"
     assert res["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in res["runs"]:
         assert len(run.losses) == 12 and all(math.isfinite(v) for v in run.losses)
-        assert run.step_s > 0 and run.tokens_per_s > 0
+        assert run.step_s > 0 and run.tokens_per_s > 0 and run.peak_mib > 0
     ours, ref = res["runs"]
     assert ours.losses[0] == pytest.approx(ref.losses[0], rel=1e-5)     # same model, batch and dropout masks
     assert res["relative_difference"] < 0.01
     assert ours.losses[-1] < ours.losses[0]                             # it learns
+
+
+def test_cpu_step_peak_counts_tensors_not_heap_growth():
+    """The demo's CPU memory column: the live tensor bytes of a step, the same whether or not the heap already
+    holds the memory (RSS growth read ~0 for whichever run came second)."""
+    from qlora_kernels.demo import _cpu_step_peak
+
+    def step():
+        a = torch.ones(2**20)             # 4 MiB
+        b = torch.ones(2**21)             # 8 MiB, both live
+        del a, b
+        c = torch.ones(2**20)             # 4 MiB after both were freed: no new peak
+        return c
+
+    for _ in range(2):                    # the second call finds the heap already grown
+        assert 12 * 2**20 <= _cpu_step_peak(step) < 12.1 * 2**20
 
 
 @pytest.mark.parametrize("argv, message", [

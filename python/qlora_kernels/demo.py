@@ -14,7 +14,6 @@ import os
 import random
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -227,38 +226,27 @@ class RunStats:
     losses: list = field(default_factory=list)
     step_s: float = 0.0
     tokens_per_s: float = 0.0
-    peak_mib: float = 0.0
+    peak_mib: float | None = None     # None: too few steps to measure
     mem_kind: str = ""
 
 
-class _PeakRSS:
-    """Peak resident memory above the start value, sampled every 2 ms (CPU: the allocator has no counters)."""
+def _cpu_step_peak(step):
+    """Run step() under torch's profiler; the peak of tensor memory it allocated above its start, in bytes.
 
-    def __init__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    CPU tensors have no allocator counters, and the process's RSS growth mostly records which run went first
+    (the second reuses the heap the first grew). The profiler sees every allocation and free instead."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def _rss(self):
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except OSError:
-            return 0
-
-    def _run(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")   # kineto's start/stop lines would cut the progress bar
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def cosine_with_warmup(optimizer, warmup_steps, total_steps):
@@ -289,40 +277,49 @@ def train(model, batches, s: Settings, ours: bool, seed: int, progress: bool, de
         bar = tqdm(total=len(batches), desc=f"train {stats.name}", unit="step", leave=True, file=sys.stderr,
                    dynamic_ncols=True)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
     counts = [int(mask.sum()) for _, mask, _ in batches]     # before timing: no sync inside the loop
     times, loss_values = [], []
-    with _PeakRSS() as rss:
-        for i, (ids, mask, labels) in enumerate(batches):
-            t0 = time.perf_counter()
-            loss = loss_fn(model, ids, mask, labels)
-            loss.backward()
-            if not ours:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss_values.append(loss.detach())
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
-                if i % 10 == 0 or i == len(batches) - 1:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    # memory: the peak of one step above what stays between steps (weights, optimizer state), measured from the
+    # second step on, since the first allocates the optimizer state and runs Triton's autotuning (256 MiB buffer)
+    mem_step = 1 if len(batches) > 2 else None
+
+    def step(ids, mask, labels):
+        loss = loss_fn(model, ids, mask, labels)
+        loss.backward()
+        if not ours:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_values.append(loss.detach())
+
+    for i, (ids, mask, labels) in enumerate(batches):
+        if i == mem_step and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        if i == mem_step and not cuda:      # profiled: left out of the step time below
+            stats.peak_mib = _cpu_step_peak(lambda: step(ids, mask, labels)) / 2**20
+        else:
+            step(ids, mask, labels)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
+            if i % 10 == 0 or i == len(batches) - 1:
+                bar.set_postfix(loss=f"{float(loss_values[-1]):.4f}")
     if bar is not None:
         bar.close()
     stats.losses = [float(v) for v in loss_values]
-    first = 1 if len(times) > 1 else 0               # the first step pays one-time set-up (compile, autotune)
-    stats.step_s = sum(times[first:]) / len(times[first:])
-    stats.tokens_per_s = sum(counts[first:]) / sum(times[first:])
-    if cuda:
-        stats.peak_mib, stats.mem_kind = (torch.cuda.max_memory_allocated() - base_mem) / 2**20, "CUDA allocated"
-    else:
-        stats.peak_mib, stats.mem_kind = (rss.peak - rss.base) / 2**20, "RSS growth"
+    # step time: without the first step (one-time set-up: compile, autotune) and the CPU's profiled step
+    timed = [i for i in range(len(times)) if (i > 0 or len(times) == 1) and not (i == mem_step and not cuda)]
+    stats.step_s = sum(times[i] for i in timed) / len(timed)
+    stats.tokens_per_s = sum(counts[i] for i in timed) / sum(times[i] for i in timed)
+    stats.mem_kind = "CUDA allocated" if cuda else "CPU tensors, profiler"
+    if cuda and mem_step is not None:
+        stats.peak_mib = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     return stats
 
 
@@ -521,10 +518,11 @@ def _run_demo(steps, model_path, out_dir, device, seed, batch_size, lr, threads,
     finals = [final_loss(r.losses) for r in runs]
     rel = abs(finals[0] - finals[1]) / max(abs(finals[1]), 1e-12)
     say("")
-    say(f"| run | final loss | step time (ms) | tokens/s | peak memory (MiB, {runs[0].mem_kind}) |")
+    say(f"| run | final loss | step time (ms) | tokens/s | step peak memory (MiB, {runs[0].mem_kind}) |")
     say("|---|---|---|---|---|")
     for run, fl in zip(runs, finals):
-        say(f"| {run.name} | {fl:.4f} | {run.step_s * 1e3:.1f} | {run.tokens_per_s:,.0f} | {run.peak_mib:.1f} |")
+        say(f"| {run.name} | {fl:.4f} | {run.step_s * 1e3:.1f} | {run.tokens_per_s:,.0f} | "
+            f"{'n/a' if run.peak_mib is None else f'{run.peak_mib:.1f}'} |")
     say("")
     say(f"final loss = mean of the last 10 % of steps; first-step loss {runs[0].losses[0]:.4f}. Relative difference "
         f"{rel:.2%} ({'within' if rel <= 0.01 else 'NOT within'} 1 %). Step time excludes the first step; tokens/s "
