@@ -167,8 +167,7 @@ def write_results(stem: str, rows: list[dict], args, notes: str = "") -> str:
     rows = list(rows)
     table = _write_table(stem, rows, path, env, notes)
     try:
-        plot.plot(stem, rows, os.path.join(path, f"{stem}.png"),
-                  f"{stem}: {env['card']}, commit {env['commit']}, {env['date']}")
+        plot.plot(stem, rows, os.path.join(path, f"{stem}.png"), plot.title_for(stem, env))
     except Exception as err:  # noqa: BLE001 - a failed plot must not cost the measured table
         print(f"{stem}: plot failed: {err}")
     print(table)

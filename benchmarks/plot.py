@@ -82,13 +82,17 @@ def plot(stem, rows, path, title=""):
     return path
 
 
+def title_for(stem, env):
+    """The plot's title: which suite, on which card, at which commit and date (harness.environment())."""
+    return f"{stem}: {env.get('card', '')}, commit {env.get('commit', '')}, {env.get('date', '')}"
+
+
 def main(paths):
     for path in paths:
         with open(path) as f:
             table = json.load(f)
         stem = os.path.splitext(os.path.basename(path))[0]
-        env = table.get("environment", {})
-        title = f"{stem}: {env.get('card', '')}, commit {env.get('commit', '')}, {env.get('date', '')}"
+        title = title_for(stem, table.get("environment", {}))
         out = plot(stem, table["rows"], os.path.splitext(path)[0] + ".png", title)
         print(out or f"{path}: nothing to plot")
 
