@@ -258,3 +258,37 @@ def _with_extra_layer():
     model = qk.convert_to_qlora(tiny_llama(), 8, 16, 0.1, compute_dtype=torch.float32)
     model.extra = LoRALinear4bit.from_linear(torch.nn.Linear(64, 64), 8, 16, compute_dtype=torch.float32)
     return model
+
+
+def test_patch_model_gives_a_converted_model_the_fused_loss(monkeypatch):
+    """convert_to_qlora leaves HF's loss; patch_model on the converted model swaps in the label-sparse linear
+    cross-entropy (same loss and LoRA gradients) and leaves our LoRA layers as they are."""
+    from qlora_kernels.ops import cross_entropy
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")     # the CPU path (the ops were imported under the interpreter)
+    model = converted(lora_dropout=0.0).train()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 512, (2, 12), generator=gen)
+    labels = ids.clone()
+    labels[:, :8] = -100                            # completion-only: 4 labelled positions per row
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = loss_and_grads()
+    calls = []
+    real = cross_entropy.fused_linear_cross_entropy
+    monkeypatch.setattr(cross_entropy, "fused_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = qk.patch_model(model)
+    assert report.loss_patched and not report.patched
+    out, grads = loss_and_grads()
+    assert calls and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * len(DEFAULT_TARGETS)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    qk.unpatch_model(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -12,7 +12,8 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape, blocksize): odd element counts, partial last blocks, one block larger than the tensor
-SHAPES = [((37, 91), 64), ((64, 96), 32), ((40, 96), 64), ((3, 5), 64), ((130, 258), 128), ((17, 300), 4096), ((1, 1), 256)]
+SHAPES = [((37, 91), 64), ((64, 96), 32), ((40, 96), 64), ((3, 5), 64), ((130, 258), 128), ((11, 700), 512),
+          ((2, 2600), 2048), ((17, 300), 4096), ((1, 1), 256)]
 
 
 def backends_for(device):

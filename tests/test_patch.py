@@ -309,7 +309,7 @@ def test_qwen2_with_projection_bias(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ skips
-def test_skips_dora_fp4_and_several_adapters(checkpoint):
+def test_skips_dora_fp4_lora_bias_and_several_adapters(checkpoint):
     dora = load(checkpoint, use_dora=True)
     report = patch_model(dora)
     assert not report.patched and sorted(report.skipped) == lora_layer_names(dora)
@@ -323,6 +323,12 @@ def test_skips_dora_fp4_and_several_adapters(checkpoint):
     assert not report.patched and all("fp4" in r for r in report.skipped.values()), report
     assert not report.loss_patched and report.loss_reason == "cross_entropy=False"
     unpatch_model(fp4)
+
+    biased = load(checkpoint, lora_bias=True)       # PEFT's LoRA bias on lora_B: not in our kernel
+    report = patch_model(biased, cross_entropy=False)
+    assert not report.patched and sorted(report.skipped) == lora_layer_names(biased)
+    assert all("lora_bias=True" in r for r in report.skipped.values()), report
+    unpatch_model(biased)
 
     two = load(checkpoint)
     two.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
