@@ -81,14 +81,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="the main job: a QLoRA fine-tune, ours vs the PyTorch reference")
     p_demo.error = _one_line_error("qlora-kernels demo")
-    p_demo.add_argument("--steps", type=positive_int, default=None, help="training steps (CPU 300, CUDA 600)")
+    p_demo.add_argument("--steps", type=positive_int, default=None, help="training steps (CPU 450, CUDA 600)")
     p_demo.add_argument("--model", default=None, metavar="PATH", help="a local transformers checkpoint directory "
                         "instead of the built-in random-init Llama")
     p_demo.add_argument("--out", default=".", metavar="DIR", help="where demo_loss.png goes (default .)")
     p_demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p_demo.add_argument("--seed", type=_seed, default=0)
     p_demo.add_argument("--lr", type=positive_float, default=None,
-                        help="peak learning rate (built-in model 3e-3 CPU / 2e-3 CUDA; --model 1e-4)")
+                        help="peak learning rate (built-in model 1.5e-3 CPU / 2e-3 CUDA; --model 1e-4)")
     p_demo.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (default 1 on CPU: the matmuls are tiny)")
     p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables and plots under "
