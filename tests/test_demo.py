@@ -110,6 +110,17 @@ def test_console_script_exit_code(tmp_path):
                                                 f"'{tmp_path / 'x'}': no such directory"]
 
 
+def test_cpu_step_peak_prints_nothing():
+    """The profiled step writes nothing to stderr (kineto's start/stop lines, the allocator's one-time warning
+    when a tensor made before the profiler is freed inside it): on a terminal they would cut the progress bar."""
+    code = ("import torch\nfrom qlora_kernels.demo import _cpu_step_peak\nold = [torch.ones(1000)]\n"
+            "print(_cpu_step_peak(lambda: old.pop()) >= 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
+    assert proc.stderr == ""
+
+
 @pytest.mark.parametrize("interpret", ["1", "0"])
 def test_reference_layer_drops_what_ours_drops(interpret, monkeypatch):
     """The demo's reference LoRA forward draws the same dropout mask as the op (Triton's Philox or the CPU

@@ -9,6 +9,7 @@ The built-in model is a small Llama (random init, built in code, no download) wi
 built from the data set's words; `--model PATH` fine-tunes a local transformers checkpoint instead.
 """
 import copy
+import functools
 import math
 import os
 import random
@@ -233,6 +234,25 @@ class RunStats:
     mem_kind: str = ""
 
 
+@functools.lru_cache(maxsize=None)
+def _spend_profiler_warning():
+    """torch's profiler warns once per process, from C++ on fd 2, when a tensor made before it started is freed
+    inside it: that line would cut the progress bar, so spend it here, on a throwaway tensor, with fd 2 muted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            t = torch.ones(1)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+                del t
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_step_peak(step):
     """Run step() under torch's profiler; the peak of tensor memory it allocated above its start, in bytes.
 
@@ -241,6 +261,7 @@ def _cpu_step_peak(step):
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")   # kineto's start/stop lines would cut the progress bar
+    _spend_profiler_warning()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
