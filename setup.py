@@ -16,7 +16,9 @@ def native_extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -ffp-contract=off: GCC's default for C++ fuses `a * b + c` (even written as _mm256_mul_ps/_mm256_add_ps)
+    # into one FMA; torch rounds the product first (AdamW's p * (1 - lr * wd) + update), so must we
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     # QLORA_KERNELS_CUDA_ARCHS="90" builds for one card only (faster build on the GPU machine)
     cuda_archs = os.environ.get("QLORA_KERNELS_CUDA_ARCHS", "80;90").split(";")
     with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None

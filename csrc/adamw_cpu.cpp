@@ -149,9 +149,14 @@ void check_list(const std::vector<torch::Tensor>& ts, size_t n, const char* name
 
 // fp64 tensor [sum of squares, number of non-finite values] over every gradient.
 torch::Tensor adamw_grad_stats_cpu(const std::vector<torch::Tensor>& grads) {
-  for (const auto& g : grads)
+  // every check before the parallel region: an exception thrown inside it terminates the process
+  for (const auto& g : grads) {
     TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && !g.is_sparse(), "adamw_grad_stats_cpu: grads must be "
                 "contiguous dense CPU tensors");
+    const auto dt = g.scalar_type();
+    TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
+                "adamw_grad_stats_cpu: grads must be float32, bfloat16 or float16, got ", dt);
+  }
   const auto work = cut(grads);
   std::vector<double> partial(2 * work.size());
 #pragma omp parallel
@@ -167,8 +172,7 @@ torch::Tensor adamw_grad_stats_cpu(const std::vector<torch::Tensor>& grads) {
       } else if (g.scalar_type() == torch::kBFloat16) {
         to_f32(g.data_ptr<at::BFloat16>() + job.start, scratch.data(), job.len);
         src = scratch.data();
-      } else {
-        TORCH_CHECK(g.scalar_type() == torch::kFloat16, "adamw_grad_stats_cpu: unsupported dtype ", g.scalar_type());
+      } else {  // float16 (checked above)
         to_f32(g.data_ptr<at::Half>() + job.start, scratch.data(), job.len);
         src = scratch.data();
       }
@@ -209,6 +213,9 @@ void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<
   check_list(exp_avg_sqs, n, "exp_avg_sqs", torch::kFloat32, params);
   if (amsgrad) check_list(max_exp_avg_sqs, n, "max_exp_avg_sqs", torch::kFloat32, params);
   TORCH_CHECK(steps.size() == n, "adamw_step_cpu: steps has ", steps.size(), " tensors, expected ", n);
+  for (size_t i = 0; i < n; ++i)   // all of them before any is advanced: a refused call changes nothing
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == torch::kFloat32 && steps[i].numel() == 1,
+                "adamw_step_cpu: steps[", i, "] must be a 0-d float32 CPU tensor");
 
   Hyper h;
   h.decay = static_cast<float>(1.0 - lr * weight_decay);
@@ -223,8 +230,6 @@ void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<
   h.amsgrad = amsgrad;
   std::vector<float> step_size(n), bc2_sqrt(n);
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == torch::kFloat32 && steps[i].numel() == 1,
-                "adamw_step_cpu: steps[", i, "] must be a 0-d float32 CPU tensor");
     float* s = steps[i].data_ptr<float>();
     *s += 1.0f;
     const double t = *s;

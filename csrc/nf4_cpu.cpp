@@ -131,8 +131,12 @@ std::vector<torch::Tensor> nf4_quantize(const torch::Tensor& x, int64_t blocksiz
 void nf4_dequantize(const torch::Tensor& packed, const torch::Tensor& absmax, int64_t blocksize, torch::Tensor& out) {
   TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.scalar_type() == torch::kUInt8,
               "nf4_dequantize: packed must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(absmax.is_contiguous() && absmax.scalar_type() == torch::kFloat32, "nf4_dequantize: absmax must be fp32");
-  TORCH_CHECK(out.is_contiguous() && packed.numel() == (out.numel() + 1) / 2, "nf4_dequantize: out size mismatch");
+  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0, "nf4_dequantize: blocksize must be even and positive, got ",
+              blocksize);
+  TORCH_CHECK(absmax.device().is_cpu() && absmax.is_contiguous() && absmax.scalar_type() == torch::kFloat32,
+              "nf4_dequantize: absmax must be a contiguous CPU fp32 tensor");
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && packed.numel() == (out.numel() + 1) / 2,
+              "nf4_dequantize: out must be a contiguous CPU tensor of the packed size");
   TORCH_CHECK(absmax.numel() == (out.numel() + blocksize - 1) / blocksize, "nf4_dequantize: absmax size mismatch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "nf4_dequantize", [&] {
     dequantize_blocks<scalar_t>(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), out.numel(), blocksize,

@@ -104,6 +104,12 @@ def test_bf16_stochastic_rounding(device, backend):
     q.grad = torch.ones_like(q)
     FusedAdamW([q], lr=1e-3, weight_decay=0.0, backend=backend).step()
     assert bool((q.detach() == 1.0).all())  # nearest even: every element stays
+    # each group draws its own random bits (the kernels number tensors within one launch only)
+    a, b = (torch.ones(n, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(2))
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    FusedAdamW([dict(params=[a]), dict(params=[b])], lr=1e-3, weight_decay=0.0, backend=backend,
+               bf16_stochastic_rounding=True).step()
+    assert not torch.equal(a.detach(), b.detach())
 
 
 @pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
@@ -322,10 +328,46 @@ def test_bad_input():
         FusedAdamW(emb.parameters()).step()
 
 
+def test_grad_of_another_dtype_is_refused():
+    """torch lets a grad have its own dtype (Tensor.grad_dtype); the kernels read it as the param's."""
+    p = torch.zeros(3, requires_grad=True)
+    if not hasattr(p, "grad_dtype"):
+        pytest.skip("this torch has no Tensor.grad_dtype")
+    p.grad_dtype = torch.float64
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt = FusedAdamW([p], backend=None if _backend.interpreting() else "cpu")
+    with pytest.raises(TypeError, match="grad in its param's dtype"):
+        opt.step()
+    assert not opt.state[p] and bool((p == 0).all())
+
+
+@pytest.mark.skipif(_backend.native() is None, reason="needs the extension")
+def test_native_step_refuses_bad_input_and_changes_nothing():
+    """Checks raise before any work: a refused call advances no step counter, and a bad dtype raises instead of
+    ending the process (an exception thrown inside an OpenMP region calls std::terminate)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom qlora_kernels import _backend\n"
+            "try:\n    _backend.native().adamw_grad_stats_cpu([torch.ones(3, dtype=torch.float64)])\n"
+            "except RuntimeError as err:\n    print('raised', err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "grads must be float32, bfloat16 or float16" in proc.stdout, proc.stderr[-2000:]
+
+    params = [torch.zeros(4), torch.zeros(4)]
+    states = [[torch.zeros(4) for _ in params] for _ in range(2)]
+    steps = [torch.zeros(()), torch.zeros((), dtype=torch.float64)]        # the second is refused
+    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a 0-d float32 CPU tensor"):
+        _backend.native().adamw_step_cpu(params, [torch.ones(4)] * 2, *states, [], steps, 1e-3, 0.9, 0.999, 1e-8,
+                                          0.0, False, False, 1.0, False, 0)
+    assert float(steps[0]) == 0.0 and bool((params[0] == 0).all())
+
+
 @pytest.mark.skipif(not (_backend.interpreting() and _backend.native() is not None),
                     reason="needs the interpreter and the extension")
 def test_cpp_path_equals_triton_path():
-    """Both compute the recipe with IEEE sqrt/div and true fmas: the same bits."""
+    """Both compute the recipe with IEEE sqrt/div and its explicit fmas only (the extension is built with
+    -ffp-contract=off: GCC fused p * decay + update into one fma, 1 ulp off on ~30 % of elements): the same bits."""
     a, b = _params("cpu"), _params("cpu")
     opt_a = FusedAdamW(_groups(a), lr=1e-2, amsgrad=True, max_grad_norm=0.5)
     opt_b = FusedAdamW(_groups(b), lr=1e-2, amsgrad=True, max_grad_norm=0.5, backend="cpu")
@@ -334,7 +376,8 @@ def test_cpp_path_equals_triton_path():
         opt_a.step()
         opt_b.step()
     for p, q in zip(a, b):
-        assert_close(p.detach(), q.detach(), atol=0, rtol=3e-7)
+        assert torch.equal(p.detach(), q.detach())
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
 @pytest.mark.cuda

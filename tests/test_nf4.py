@@ -166,6 +166,16 @@ def test_bad_blocksize_names_allowed_ones():
         qk.quantize_nf4(torch.ones(4, 4), backend="fast")
 
 
+@pytest.mark.skipif(_backend.native() is None, reason="needs the extension")
+def test_native_dequantize_checks_its_blocksize():
+    """The binding's own checks (NF4Weight validates first, but the binding must not divide by zero or read the
+    wrong nibbles for an odd blocksize)."""
+    packed, absmax = torch.zeros(4, dtype=torch.uint8), torch.ones(3)
+    for blocksize in (0, 3, -2):
+        with pytest.raises(RuntimeError, match="blocksize must be even and positive"):
+            _backend.native().nf4_dequantize(packed, absmax, blocksize, torch.empty(8))
+
+
 def test_bad_nf4weight_storage_is_refused():
     """Found by an audit: strided storage (the kernels index raw pointers, Triton returned wrong values),
     blocksizes outside the format (wrong values or unrelated errors), non-float dtypes."""

@@ -196,12 +196,12 @@ class FusedAdamW(torch.optim.Optimizer):
         clip = self.max_grad_norm is not None
         ops.launch_prologue(plan.prologue, stats, self._skipped_on(plan.device), norm=norm, finalize=finalize,
                             max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite)
-        for group, *_, table in plan.units:
+        for unit, (group, *_, table) in enumerate(plan.units):
             beta1, beta2 = group["betas"]
             ops.launch_update(table, stats, lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                               weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                               maximize=group["maximize"], clip=clip, skip_nonfinite=self.skip_nonfinite,
-                              stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed())
+                              stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(unit))
         if self.max_grad_norm is not None or self.skip_nonfinite:
             norm_t = stats[kernels.ST_NORM.value]
             self.last_grad_norm = norm_t if plan.device == self._primary else norm_t.to(self._primary)
@@ -216,17 +216,19 @@ class FusedAdamW(torch.optim.Optimizer):
             if self.skip_nonfinite and float(stats[1]) > 0:
                 self._skipped_on(plan.device).add_(1)
                 return
-        for group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _ in plan.units:
+        for unit, (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, _) in enumerate(plan.units):
             beta1, beta2 = group["betas"]
             ops.cpu_step(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                          lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                          grad_scale=coef,
-                         stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(),
+                         stochastic_rounding=self.bf16_stochastic_rounding, seed=self._step_seed(unit),
                          use_native=plan.backend == "cpu")
 
-    def _step_seed(self):
-        return (self._seed + self._host_steps * 7919) % (2**31 - 1)
+    def _step_seed(self, unit):
+        """The stochastic-rounding seed of one update launch: a new stream per step and per group (unit), since
+        the kernels tell tensors apart only by their index within the launch."""
+        return (self._seed + self._host_steps * 7919 + unit * 104729) % (2**31 - 1)
 
     def _plans(self):
         """Per-device plans, rebuilt only when a param or grad address changes (or a grad appears/vanishes)."""
@@ -254,6 +256,9 @@ class FusedAdamW(torch.optim.Optimizer):
                                        "instead")
                 if p.dtype not in _DTYPES:
                     raise TypeError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype}")
+                if g.dtype != p.dtype:   # torch allows it (Tensor.grad_dtype); the kernels read g as p's dtype
+                    raise TypeError(f"FusedAdamW needs each grad in its param's dtype, got a {g.dtype} grad for a "
+                                    f"{p.dtype} param of shape {tuple(p.shape)}")
                 if not (p.is_contiguous() and g.is_contiguous()):
                     raise ValueError("FusedAdamW needs contiguous params and grads (got a strided one of shape "
                                      f"{tuple(p.shape)})")

@@ -86,7 +86,7 @@ def dequantize_nf4(qweight: NF4Weight, backend: str | None = None) -> torch.Tens
     if backend == "triton":
         return _dequantize_triton(qweight)
     if backend == "cpu":
-        out = torch.empty(qweight.shape, dtype=qweight.dtype)
+        out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.packed.device)  # not the default device
         _backend.native().nf4_dequantize(qweight.packed, qweight.absmax(), qweight.blocksize, out)
         return out
     if backend == "cuda_ext":
