@@ -288,6 +288,81 @@ def test_scheduler_closure_zero_grad(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("change", ["state cleared", "moment replaced", "group replaced"])
+def test_state_and_group_changes_take_effect(device, backend, change):
+    """The step's cached plan (tables of addresses) is rebuilt when the state or a group dict is replaced, not
+    only when a param or grad moves: grads written in place keep their addresses (zero_grad(set_to_none=False),
+    and on CUDA the caching allocator hands the same blocks back)."""
+    ours_p, torch_p = _params(device), _params(device)
+    ours, theirs = FusedAdamW(_groups(ours_p), lr=1e-2, backend=backend), torch.optim.AdamW(_groups(torch_p), lr=1e-2)
+    for step in range(6):
+        for params in (ours_p, torch_p):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i)).to(device)
+                p.grad = g if p.grad is None else p.grad.copy_(g)            # same address from step 1 on
+        if step == 3:
+            for opt in (ours, theirs):
+                if change == "state cleared":
+                    opt.state.clear()
+                elif change == "moment replaced":
+                    for p in opt.param_groups[0]["params"]:
+                        opt.state[p]["exp_avg"] = torch.zeros_like(opt.state[p]["exp_avg"])
+                else:
+                    opt.param_groups[1] = {**opt.param_groups[1], "lr": 0.2}
+        ours.step()
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+
+
+def test_primary_device_follows_the_params():
+    """last_grad_norm and skipped_steps live on the device of the first param with a gradient, found when the
+    plans are built (a model moved after its optimizer was made); here the first listed param never has one."""
+    never = torch.zeros(3, device="meta", requires_grad=True)
+    p = torch.zeros(5, requires_grad=True)
+    opt = FusedAdamW([never, p], max_grad_norm=1.0, backend=None if _backend.interpreting() else "cpu")
+    for scale in (1.0, 10.0, float("nan")):
+        p.grad = torch.full((5,), scale)
+        opt.step()
+        if scale == scale:
+            assert float(opt.last_grad_norm) == pytest.approx(scale * 5 ** 0.5)
+    assert opt.skipped_steps.device == p.device and int(opt.skipped_steps) == 1
+
+
+def test_load_hooks_run_as_torch_runs_them():
+    """A load pre-hook's dict is what loads (the fp32 moments included); a post-hook's changes stay."""
+    def pre(opt, sd):
+        sd = copy.deepcopy(sd)
+        for st in sd["state"].values():
+            st["exp_avg"].zero_()
+        return sd
+
+    def post(opt):
+        for st in opt.state.values():
+            st["exp_avg_sq"].fill_(7.0)
+
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.ones(4)
+    src = FusedAdamW([p], backend=None if _backend.interpreting() else "cpu")
+    src.step()
+    for cls in (FusedAdamW, torch.optim.AdamW):
+        q = torch.zeros(4, requires_grad=True)
+        opt = cls([q])
+        opt.register_load_state_dict_pre_hook(pre)
+        opt.register_load_state_dict_post_hook(post)
+        opt.load_state_dict(src.state_dict())
+        assert bool((opt.state[q]["exp_avg"] == 0).all()) and bool((opt.state[q]["exp_avg_sq"] == 7).all()), cls
+    assert bool((src.state[p]["exp_avg"] != 0).all())                   # the caller's dict is not touched
+
+
+def test_torch_adamw_keywords_are_accepted():
+    p = torch.zeros(3, requires_grad=True)
+    FusedAdamW([p], foreach=True, fused=None, capturable=False)
+    torch.optim.AdamW([p], foreach=True, fused=None, capturable=False)
+    with pytest.raises(ValueError, match="differentiable"):
+        FusedAdamW([p], differentiable=True)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
 def test_empty_tensors(device, backend):
     only_empty = torch.zeros(0, device=device, requires_grad=True)
     only_empty.grad = torch.zeros(0, device=device)

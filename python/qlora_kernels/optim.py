@@ -5,6 +5,8 @@ Math: torch's AdamW in fp32 (qlora_kernels.reference.adamw), whatever the param 
 State layout: torch's (`step` 0-d fp32 tensor on the param's device, `exp_avg`, `exp_avg_sq`,
 `max_exp_avg_sq`), so state dicts load both ways.
 """
+import collections
+
 import torch
 
 from qlora_kernels import _backend
@@ -13,6 +15,7 @@ from qlora_kernels.ops import adamw as ops
 from qlora_kernels.reference import adamw as ref
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _check_hyper(lr, betas, eps, weight_decay):
@@ -61,7 +64,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  maximize=False, max_grad_norm=None, skip_nonfinite=True, bf16_stochastic_rounding=False, *,
-                 backend=None):
+                 backend=None, foreach=None, fused=None, capturable=False, differentiable=False):
+        # foreach / fused / capturable: torch AdamW's choice of implementation, accepted so code written for it
+        # runs unchanged (this step is always fused and never syncs); a differentiable step is not offered
+        if differentiable:
+            raise ValueError("FusedAdamW does not support differentiable=True")
         _check_hyper(lr, betas, eps, weight_decay)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
@@ -78,6 +85,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self._skipped = {}
         self._seed = int(torch.randint(0, 2**30, ()))
         self._host_steps = 0
+        # the device that holds last_grad_norm and skipped_steps: the first param's with a gradient, found
+        # again whenever the plans are rebuilt (a model moved to the GPU after its optimizer was made)
         first = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
         self._primary = first
 
@@ -116,12 +125,22 @@ class FusedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Loads torch AdamW's (or this optimizer's) state dict; moments are kept in fp32 at the precision
         they were saved with (torch's own loader casts them to the param's dtype: bf16 params would lose
-        the fp32 moments' low bits)."""
+        the fp32 moments' low bits). Load hooks run as torch runs them: pre-hooks on the dict first (their
+        result is what loads), post-hooks once the fp32 moments are in place."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        moments = {p: {key: value for key, value in state_dict["state"].get(i, {}).items()
-                       if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for i, p in zip(saved_ids, params)}
-        super().load_state_dict(state_dict)
+        moments = {p: {key: value for key, value in state_dict["state"].get(i, {}).items() if key in _MOMENTS}
+                   for i, p in zip(saved_ids, params)}
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()    # ran above
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()   # run below
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         for p, saved in moments.items():
             state = self.state.get(p)
             if not state:
@@ -134,6 +153,8 @@ class FusedAdamW(torch.optim.Optimizer):
             self.skipped_steps.copy_(extra["skipped_steps"])
             self._seed, self._host_steps = int(extra["seed"]), int(extra["host_steps"])
         self._plan_key = self._plan = None
+        for hook in post.values():
+            hook(self)
 
     @property
     def skipped_steps(self):
@@ -231,10 +252,15 @@ class FusedAdamW(torch.optim.Optimizer):
         return (self._seed + self._host_steps * 7919 + unit * 104729) % (2**31 - 1)
 
     def _plans(self):
-        """Per-device plans, rebuilt only when a param or grad address changes (or a grad appears/vanishes)."""
+        """Per-device plans, rebuilt when a param or grad address changes (or a grad appears or vanishes), or
+        when a group dict or a state tensor is replaced (opt.state cleared, a moment reassigned, a group
+        swapped): the plans hold the groups and state tensors themselves, so those ids cannot be reused."""
+        state = self.state
         try:
-            key = tuple(group["amsgrad"] for group in self.param_groups) + tuple(
-                (p.data_ptr(), p.grad.data_ptr()) if p.grad is not None else None
+            key = tuple((id(group), group["amsgrad"]) for group in self.param_groups) + tuple(
+                (p.data_ptr(), p.grad.data_ptr(), id(state.get(p)),
+                 *(id(state[p].get(k)) for k in ("step",) + _MOMENTS if p in state))
+                if p.grad is not None else None
                 for group in self.param_groups for p in group["params"])
         except RuntimeError:  # e.g. sparse grads have no data pointer: let the checks below say so
             key = None
@@ -297,9 +323,11 @@ class FusedAdamW(torch.optim.Optimizer):
                 plan.units.append((group, params, exp_avgs, exp_avg_sqs, max_sqs, steps, table))
                 plan.params += params
                 plan.steps += steps
-        out = list(plans.values())
-        if self._primary in plans:  # the first param's device first: the norm is combined there
-            out.sort(key=lambda pl: pl.device != self._primary)
+        out = list(plans.values())   # the first param with a gradient comes first: the norm is combined there
+        if out and out[0].device != self._primary:
+            old, self._primary = self._primary, out[0].device
+            if old in self._skipped and self._primary not in self._skipped:   # the count moves with it
+                self._skipped[self._primary] = self._skipped[old].to(self._primary)
         for plan in out:
             if plan.backend == "triton":
                 plan.prologue = ops.PrologueTable(plan.grads(), plan.steps, plan.device)
