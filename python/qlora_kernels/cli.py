@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p_demo.add_argument("--seed", type=_seed, default=0)
     p_demo.add_argument("--lr", type=positive_float, default=None,
-                        help="peak learning rate (built-in model 1.5e-3 CPU / 2e-3 CUDA; --model 1e-4)")
+                        help="peak learning rate (built-in model 1.5e-3 CPU / 1e-3 CUDA; --model 1e-4)")
     p_demo.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (default 1 on CPU: the matmuls are tiny)")
     p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables and plots under "
