@@ -182,7 +182,8 @@ def adamw_update_kernel(meta, chunks, n_tensors, stats, lr: tl.float64, beta1: t
     if dt == 0:
         tl.store(p_addr.to(tl.pointer_type(tl.float32)) + offs, p, mask=mask)
     elif dt == 1:  # fp32 -> bf16 by integer ops (the interpreter's conversion truncates)
-        bits = p.to(tl.uint32, bitcast=True)
+        # a NaN as the canonical quiet NaN first: the GPU's 0x7FFFFFFF would carry into the sign and store -0.0
+        bits = tl.where(p != p, 0x7FC00000, p.to(tl.uint32, bitcast=True))
         if STOCHASTIC:  # add 16 random bits, truncate
             bits = bits + (tl.randint(seed + ti, offs.to(tl.uint32)).to(tl.uint32) & 0xFFFF)
         else:  # round to nearest even

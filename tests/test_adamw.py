@@ -403,6 +403,21 @@ def test_bad_input():
         FusedAdamW(emb.parameters()).step()
 
 
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_bf16_param_keeps_a_nan(device, backend, stochastic):
+    """A NaN reaching a bf16 param stays NaN whatever its bit pattern (the GPU makes 0x7FFFFFFF, which the
+    integer rounding carried into the sign bit: the param became -0.0 while its moments stayed NaN)."""
+    p = torch.ones(8, dtype=torch.bfloat16, device=device, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    opt = FusedAdamW([p], lr=1e-3, backend=backend, skip_nonfinite=False, bf16_stochastic_rounding=stochastic)
+    opt.step()
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    opt.state[p]["exp_avg"][:4] = nans.to(device)            # quiet and signalling NaNs, either sign
+    opt.step()
+    assert bool(p.detach()[:4].isnan().all()) and bool(p.detach()[4:].isfinite().all())
+
+
 def test_grad_of_another_dtype_is_refused():
     """torch lets a grad have its own dtype (Tensor.grad_dtype); the kernels read it as the param's."""
     p = torch.zeros(3, requires_grad=True)
