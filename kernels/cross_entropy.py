@@ -21,6 +21,9 @@ CE_NUM_WARPS = 4
 CE_ROW_BLOCK_V = 8192
 CE_ROW_NUM_WARPS = 16
 CE_COMBINE_ROWS = 64
+# the fused kernel's per-row barrier waits for all NCHUNK programs of a row: they must all be resident at
+# once, so more chunks per row than this fall back to the split path (a small BLOCK_V could deadlock)
+CE_FUSED_MAX_CHUNKS = 64
 SCALE_BLOCK = 8192
 # Row-bounded GEMM by compute-capability major: Hopper 128 x 256 x 64 bf16 tiles (wgmma, accumulator
 # 128 fp32 registers per thread over 8 warps), 3 stages (144 KB shared); Ampere 128 x 128 x 64 (the

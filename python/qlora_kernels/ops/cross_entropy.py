@@ -141,7 +141,7 @@ def _ce_launch(x, labels, loss, lse, grad, count, gscale, *, ignore_index, smoot
             num_warps=int(os.environ.get("QLORA_KERNELS_CE_WARPS", kernels.CE_ROW_NUM_WARPS)), **common)
         return
     part = torch.empty((4, N * NCHUNK), dtype=torch.float32, device=x.device)
-    if grad is not None and gscale is None and mode == "fused" and x.is_cuda:
+    if grad is not None and gscale is None and mode == "fused" and x.is_cuda and NCHUNK <= kernels.CE_FUSED_MAX_CHUNKS:
         counter = torch.zeros(N, dtype=torch.int32, device=x.device)
         kernels.ce_fused_kernel[(N * NCHUNK,)](
             x, labels, grad, part, counter, loss, lse, count, N, V, x.stride(0), grad.stride(0), ignore_index,

@@ -201,6 +201,8 @@ def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y
 
 
 def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):
+    if x2d.stride(1) != 1:   # the kernels' column offsets (col * stride) are int32: a transposed x could overflow
+        x2d = x2d.contiguous()
     M, K = x2d.shape
     r = A.shape[0]
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
@@ -236,6 +238,8 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
 
 def _bwd_triton(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed, blocksize, nested, scaling, p,
                 need_dx, need_dA):
+    if dy.stride(1) != 1:    # as x in the forward: int32 column offsets
+        dy = dy.contiguous()
     M, N = dy.shape
     K = A.shape[1]
     r = A.shape[0]
