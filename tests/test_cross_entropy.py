@@ -73,6 +73,20 @@ def _check_ce(logits, labels, backend, block_v=0, **opts):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_large_softcap_is_accurate(backend, device):
+    """softcap >> |logits| is nearly the identity: tanh must not lose the small ratios (2 * sigmoid(2u) - 1 left an
+    absolute error ~ softcap * 2**-23 in every logit: 0.05 in the loss at softcap 1e6)."""
+    V = 300
+    logits = torch.randn(8, V, device=device, dtype=torch.float64) * 3
+    labels = torch.randint(0, V, (8,), device=device)
+    for softcap in (30.0, 1e4, 1e6):
+        out = fused_cross_entropy(logits.float(), labels, backend=backend, softcap=softcap, reduction="none")
+        capped = softcap * torch.tanh(logits / softcap)
+        expected = F.cross_entropy(capped, labels, reduction="none")
+        assert_close(out.double(), expected, atol=2e-6, rtol=2e-6, msg=f"softcap {softcap}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
 def test_options_v32003(backend, opts, device):
     V = 32003
