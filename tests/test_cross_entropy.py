@@ -280,6 +280,44 @@ def test_grad_mode_off_and_second_backward(device, monkeypatch):
             loss.backward()
 
 
+def test_ignore_index_types_as_torch():
+    x, y = torch.randn(4, 10), torch.tensor([1, -100, 3, 2])
+    np = pytest.importorskip("numpy")
+    assert_close(fused_cross_entropy(x, y, ignore_index=np.int64(-100)), F.cross_entropy(x, y), atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):   # F.cross_entropy refuses a bool too
+        fused_cross_entropy(x, y, ignore_index=True)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_double_backward_is_refused(linear, device):
+    """The gradients come from kernels with no derivative of their own: create_graph=True raises instead of
+    returning a gradient silently cut from the graph."""
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(10, 8, device=device)
+    y = torch.tensor([1, -100, 3, 2], device=device)
+    loss = fused_linear_cross_entropy(x, w, y) if linear else fused_cross_entropy(x @ w.t(), y)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_linear_under_autocast_with_an_fp32_head():
+    """As F.linear under autocast: a bf16 hidden and an fp32 (trainable) head meet in bf16; grads keep dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 16, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(40, 16, generator=gen).requires_grad_()
+    y = torch.tensor([1, 5, -100, 39, 0, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, y)
+    loss.backward()
+    hr, wr = h.detach().float().requires_grad_(), w.detach().bfloat16().float().requires_grad_()
+    expected = F.cross_entropy(F.linear(hr, wr), y)
+    expected.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    # the reference sees the bf16-rounded operands in fp32; the CPU path rounds the logits to bf16 as well
+    assert_close(loss, expected, atol=0.05, rtol=1e-2, msg="loss")
+    assert_close(w.grad, wr.grad, atol=1e-2, rtol=2e-2, msg="weight grad")
+
+
 def test_bad_inputs():
     x = torch.randn(4, 10)
     y = torch.randint(0, 10, (4,))

@@ -345,6 +345,13 @@ def test_module_init_merge_and_forward():
     mod.train()
     mod(x).sum().backward()
     assert mod.lora_A.grad is not None and mod.lora_B.grad is not None
+    # bad settings and inputs fail where they are made: a dropout outside [0, 1) at construction (not at the
+    # first training forward), an integer input instead of a silent cast (the output cast back truncated it)
+    for p in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="lora_dropout"):
+            LoRALinear4bit.from_linear(lin, r=4, lora_alpha=8, lora_dropout=p)
+    with pytest.raises(TypeError, match="floating-point input"):
+        mod(torch.ones(2, 128, dtype=torch.int64))
 
 
 def test_module_quantizes_like_bitsandbytes_and_keeps_its_format_under_casts():

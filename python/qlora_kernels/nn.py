@@ -26,6 +26,8 @@ class LoRALinear4bit(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"r must be >= 1, got {r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:     # here, not at the first training forward
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         self.out_features, self.in_features = qweight.shape
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.use_rslora = bool(use_rslora)   # kept: at r = 1 the scaling cannot tell (PEFT's format records it)
@@ -77,6 +79,8 @@ class LoRALinear4bit(nn.Module):
                          nested_blocksize=self._nested_blocksize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():   # the cast below would hide it (and the output cast truncate to integers)
+            raise TypeError(f"LoRALinear4bit expects a floating-point input, got {x.dtype}")
         y = nf4_lora_linear(x.to(self.compute_dtype), self.qweight, self.lora_A, self.lora_B, self.scaling,
                             self.bias, self.lora_dropout, self.training)
         return y.to(x.dtype)

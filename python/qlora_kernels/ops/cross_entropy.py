@@ -24,10 +24,17 @@ INTERPRET_BLOCK_V = 32768
 
 
 # ----------------------------------------------------------------------------------------------- checks
+def _refuse_double_backward():
+    """Backward runs with grad mode on only under create_graph=True: the gradients here are computed by kernels
+    with no derivative of their own, so refuse (once_differentiable returned a graph-less gradient silently)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("qlora_kernels cross-entropy: double backward (create_graph=True) is not supported")
+
+
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
     if reduction not in ref.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ref.REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):   # as F.cross_entropy: numpy ints
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -370,8 +377,8 @@ class _CrossEntropy(torch.autograd.Function):
         return total / count if mean else total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         if ctx.fused:
             scale = _backward_scale(ctx, grad_out)
             (grad,) = ctx.saved_tensors
@@ -399,8 +406,8 @@ def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
     'none' recomputes in backward.
     `backend` forces "triton" / "cpu" / "reference"; `block_v` overrides the columns per program (tests).
     """
-    _check_logits(logits, labels, ignore_index)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _check_logits(logits, labels, ignore_index)
     backend = _backend.resolve_backend(logits, backend)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -774,8 +781,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / count if mean else total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         need_h, need_w, need_b = ctx.flags
         if ctx.none:
             hidden, weight, bias, labels = ctx.saved_tensors
@@ -811,6 +818,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     """
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be torch.Tensors")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if torch.is_autocast_enabled(hidden.device.type):   # as F.linear under autocast: the GEMMs in its dtype
+        cd = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(cd), weight.to(cd)
+        bias = None if bias is None else bias.to(cd)
     if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
     if hidden.dim() not in (2, 3) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
@@ -821,9 +834,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
                          f"{bias.dtype}")
     if int(chunk_bytes) <= 0:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    chunk_bytes = min(int(chunk_bytes), 1 << 62)    # the op's schema takes an int64
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, name="hidden")
     _backend.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     backend = _backend.resolve_backend(hidden, backend)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
