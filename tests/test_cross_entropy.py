@@ -686,6 +686,21 @@ def test_nn_modules_and_compile():
     assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_compiled_ops_check_labels(linear):
+    """A torch.compile'd graph skips the eager checks: the ops check CPU labels themselves when they run (an
+    out-of-range label gave NaN, or an index error from deep inside)."""
+    x, w, y = torch.randn(4, 8), torch.randn(64, 8), torch.tensor([1, 99, 3, -100])
+    if linear:
+        fn = torch.compile(lambda a, b, c: fused_linear_cross_entropy(a, b, c), backend="aot_eager", fullgraph=True)
+        args = (x, w, y)
+    else:
+        fn = torch.compile(lambda a, b: fused_cross_entropy(a, b), backend="aot_eager", fullgraph=True)
+        args = (x @ w.t(), y)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 64\)"):
+        fn(*args)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 LINEAR_PATHS = [(gemm, "chunk") for gemm in ops.GEMMS] + [("triton", "online")]
 

@@ -52,8 +52,14 @@ def _check_labels(labels, lead_shape, V, ignore_index, name="logits"):
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of {name} "
                          f"{tuple(lead_shape)}")
-    # free on CPU (skipped while torch.compile traces); on CUDA a bad label gives a NaN loss, never a bad read
-    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():    # traced: the ops check when they run (_check_label_range)
+        _check_label_range(labels, V, ignore_index)
+
+
+def _check_label_range(labels, V, ignore_index):
+    """Free on CPU, so checked there (also inside the ops: a torch.compile'd graph skips the check above); on
+    CUDA a bad label gives a NaN loss, never a bad read."""
+    if labels.device.type == "cpu" and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             first = int(bad.flatten().nonzero()[0])
@@ -266,6 +272,7 @@ def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
                           z_loss: float, softcap: float, mean: bool, compute_grad: bool, backend: str,
                           block_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row fp32 loss, lse, gradient of the summed (or, if mean, averaged) loss or an empty tensor)."""
+    _check_label_range(labels, logits.shape[-1], ignore_index)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     loss, lse = _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, compute_grad,
                                  backend, block_v, grad)
@@ -284,6 +291,7 @@ def cross_entropy_forward_inplace(logits: torch.Tensor, labels: torch.Tensor, ig
                                   label_smoothing: float, z_loss: float, softcap: float, mean: bool, backend: str,
                                   block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward with the gradient written over `logits`."""
+    _check_label_range(labels, logits.shape[-1], ignore_index)    # before anything is overwritten
     return _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, True, backend,
                             block_v, logits)
 
@@ -739,6 +747,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row fp32 loss, grad hidden, fp32 grad weight, fp32 grad bias) of sum_i gscale_i * loss_i
     (gscale 1 when None; / count when mean); a gradient not asked for is an empty tensor."""
+    _check_label_range(labels, weight.shape[0], ignore_index)
     return _linear_impl(hidden, weight, bias, labels, gscale, ignore_index, label_smoothing, z_loss, softcap, mean,
                         need_h, need_w, need_b, chunk_bytes, backend)
 
