@@ -44,7 +44,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
-def _check_labels(labels, lead_shape, V, ignore_index, name="logits"):
+def _check_labels(labels, lead_shape, name="logits"):
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -52,12 +52,11 @@ def _check_labels(labels, lead_shape, V, ignore_index, name="logits"):
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal the leading shape of {name} "
                          f"{tuple(lead_shape)}")
-    if not torch.compiler.is_compiling():    # traced: the ops check when they run (_check_label_range)
-        _check_label_range(labels, V, ignore_index)
+    # the range of the values is checked by the ops when they run (_check_label_range), eager or compiled
 
 
 def _check_label_range(labels, V, ignore_index):
-    """Free on CPU, so checked there (also inside the ops: a torch.compile'd graph skips the check above); on
+    """Called by the ops themselves, so a torch.compile'd graph checks too. Free on CPU, so checked there; on
     CUDA a bad label gives a NaN loss, never a bad read."""
     if labels.device.type == "cpu" and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
@@ -67,14 +66,14 @@ def _check_label_range(labels, V, ignore_index):
                              f"got {int(labels.flatten()[first])} at flat index {first}")
 
 
-def _check_logits(logits, labels, ignore_index):
+def _check_logits(logits, labels):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
         raise ValueError(f"logits must be (N, V) or (B, T, V) with V > 0, got shape {tuple(logits.shape)}")
-    _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    _check_labels(labels, logits.shape[:-1])
     _backend.check_same_device(logits=logits, labels=labels)
 
 
@@ -415,7 +414,7 @@ def fused_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
     `backend` forces "triton" / "cpu" / "reference"; `block_v` overrides the columns per program (tests).
     """
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    _check_logits(logits, labels, ignore_index)
+    _check_logits(logits, labels)
     backend = _backend.resolve_backend(logits, backend)
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -845,7 +844,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
     chunk_bytes = min(int(chunk_bytes), 1 << 62)    # the op's schema takes an int64
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    _check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, name="hidden")
+    _check_labels(labels, hidden.shape[:-1], name="hidden")
     _backend.check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     backend = _backend.resolve_backend(hidden, backend)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
