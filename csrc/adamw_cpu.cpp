@@ -135,13 +135,23 @@ std::vector<Work> cut(const std::vector<torch::Tensor>& tensors) {
   return work;
 }
 
+// The loops walk each tensor's storage flat: any dense layout works when every operand shares the param's.
+bool same_dense_layout(const torch::Tensor& t, const torch::Tensor& like) {
+  if (t.numel() == 0) return true;
+  if (!t.is_non_overlapping_and_dense() || t.sizes() != like.sizes()) return false;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1 && t.stride(d) != like.stride(d)) return false;
+  return true;
+}
+
 void check_list(const std::vector<torch::Tensor>& ts, size_t n, const char* name, torch::ScalarType dtype,
                 const std::vector<torch::Tensor>& like) {
   TORCH_CHECK(ts.size() == n, "adamw_step_cpu: ", name, " has ", ts.size(), " tensors, expected ", n);
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(ts[i].device().is_cpu() && ts[i].is_contiguous() && ts[i].scalar_type() == dtype,
-                "adamw_step_cpu: ", name, "[", i, "] must be a contiguous CPU ", dtype, " tensor");
-    TORCH_CHECK(ts[i].numel() == like[i].numel(), "adamw_step_cpu: ", name, "[", i, "] size mismatch");
+    TORCH_CHECK(ts[i].device().is_cpu() && ts[i].scalar_type() == dtype,
+                "adamw_step_cpu: ", name, "[", i, "] must be a CPU ", dtype, " tensor");
+    TORCH_CHECK(same_dense_layout(ts[i], like[i]), "adamw_step_cpu: ", name, "[", i,
+                "] must have its param's shape and strides");
   }
 }
 
@@ -151,8 +161,8 @@ void check_list(const std::vector<torch::Tensor>& ts, size_t n, const char* name
 torch::Tensor adamw_grad_stats_cpu(const std::vector<torch::Tensor>& grads) {
   // every check before the parallel region: an exception thrown inside it terminates the process
   for (const auto& g : grads) {
-    TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && !g.is_sparse(), "adamw_grad_stats_cpu: grads must be "
-                "contiguous dense CPU tensors");
+    TORCH_CHECK(g.device().is_cpu() && !g.is_sparse() && (g.numel() == 0 || g.is_non_overlapping_and_dense()),
+                "adamw_grad_stats_cpu: grads must be dense CPU tensors without gaps");
     const auto dt = g.scalar_type();
     TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
                 "adamw_grad_stats_cpu: grads must be float32, bfloat16 or float16, got ", dt);
@@ -198,17 +208,17 @@ void adamw_step_cpu(const std::vector<torch::Tensor>& params, const std::vector<
                     bool maximize, double grad_scale, bool stochastic_rounding, int64_t seed) {
   const size_t n = params.size();
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].device().is_cpu() && params[i].is_contiguous(), "adamw_step_cpu: params[", i,
-                "] must be a contiguous CPU tensor");
+    TORCH_CHECK(params[i].device().is_cpu() && same_dense_layout(params[i], params[i]), "adamw_step_cpu: params[",
+                i, "] must be a CPU tensor covering its storage without gaps");
     const auto dt = params[i].scalar_type();
     TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
                 "adamw_step_cpu: params must be float32, bfloat16 or float16, got ", dt);
   }
   TORCH_CHECK(grads.size() == n, "adamw_step_cpu: grads has ", grads.size(), " tensors, expected ", n);
   for (size_t i = 0; i < n; ++i)
-    TORCH_CHECK(grads[i].device().is_cpu() && grads[i].is_contiguous() && !grads[i].is_sparse() &&
-                    grads[i].scalar_type() == params[i].scalar_type() && grads[i].numel() == params[i].numel(),
-                "adamw_step_cpu: grads[", i, "] must be a dense contiguous CPU tensor like its param");
+    TORCH_CHECK(grads[i].device().is_cpu() && !grads[i].is_sparse() &&
+                    grads[i].scalar_type() == params[i].scalar_type() && same_dense_layout(grads[i], params[i]),
+                "adamw_step_cpu: grads[", i, "] must be a dense CPU tensor with its param's dtype, shape and strides");
   check_list(exp_avgs, n, "exp_avgs", torch::kFloat32, params);
   check_list(exp_avg_sqs, n, "exp_avg_sqs", torch::kFloat32, params);
   if (amsgrad) check_list(max_exp_avg_sqs, n, "max_exp_avg_sqs", torch::kFloat32, params);

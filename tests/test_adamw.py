@@ -150,6 +150,28 @@ def test_state_dict_both_ways_and_resume(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_loading_a_live_state_dict_shares_nothing(device, backend):
+    """state_dict() hands out the live state tensors; loading them must copy, or both optimizers would
+    advance the same step counter (it did: each step then counted twice)."""
+    ours_p, torch_p = _params(device), _params(device)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-2)
+    for step in range(2):
+        _set_grads(step, torch_p, none_every=0)
+        theirs.step()
+    ours = FusedAdamW(ours_p, lr=1e-2, backend=backend)
+    with torch.no_grad():
+        for p, q in zip(ours_p, torch_p):
+            p.copy_(q)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2, 4):
+        _set_grads(step, ours_p, torch_p, none_every=0)
+        ours.step()
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+    assert float(theirs.state[torch_p[0]]["step"]) == 4.0
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("betas", [(0.5, 0.999), (0.0, 0.99)])
 def test_small_beta1_matches_torch_lerp(device, backend, betas):
     """1 - beta1 >= 0.5: torch's lerp switches to fma(w - 1, g - m, g); the other form differs by up to 4 %
@@ -416,6 +438,66 @@ def test_bf16_param_keeps_a_nan(device, backend, stochastic):
     opt.state[p]["exp_avg"][:4] = nans.to(device)            # quiet and signalling NaNs, either sign
     opt.step()
     assert bool(p.detach()[:4].isnan().all()) and bool(p.detach()[4:].isfinite().all())
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_strided_params_match_torch_adamw(device, backend):
+    """Dense non-contiguous params (transposed, channels_last) work as in torch: the kernels walk storage flat,
+    the grads (autograd's layout contract) and moments share the param's strides; state_dict both ways."""
+    def make():
+        gen = torch.Generator().manual_seed(5)
+        t = torch.randn(33, 7, generator=gen).to(device).t()
+        c = torch.randn(2, 3, 4, 5, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+        return [torch.nn.Parameter(t), torch.nn.Parameter(c), torch.nn.Parameter(torch.randn(5, 1, generator=gen))]
+
+    ours_p, torch_p = make(), make()
+    assert not ours_p[0].is_contiguous() and not ours_p[1].is_contiguous()
+    ours = FusedAdamW(ours_p, lr=1e-2, amsgrad=True, backend=backend)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-2, amsgrad=True)
+    for step in range(12):
+        for params in (ours_p, torch_p):
+            loss = sum(((p * torch.arange(p.numel(), device=device).reshape(p.shape)) ** 2).sum() * (step + 1)
+                       for p in params)
+            for p in params:
+                p.grad = None
+            loss.backward()
+        assert ours_p[1].grad.stride() == ours_p[1].stride()
+        ours.step()
+        theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+    assert ours.state[ours_p[1]]["exp_avg"].stride() == ours_p[1].stride()
+    # torch's state into ours keeps the param's layout; then both step on
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state[ours_p[0]]["exp_avg_sq"].stride() == ours_p[0].stride()
+    for params in (ours_p, torch_p):
+        for p in params:
+            p.grad = torch.ones_like(p)
+    ours.step()
+    theirs.step()
+    _assert_same_state(ours, theirs, ours_p, torch_p)
+
+
+def test_gapped_or_mislaid_tensors_are_refused():
+    backend = None if _backend.interpreting() else "cpu"
+    base = torch.zeros(4, 6)
+    gapped = torch.nn.Parameter(base[:, ::2])                      # every other column of a larger storage
+    gapped.grad = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="storage densely"):
+        FusedAdamW([gapped], backend=backend).step()
+    p = torch.nn.Parameter(torch.zeros(6, 4).t())
+    p.grad = torch.ones(4, 6)                                      # contiguous grad for a transposed param
+    opt = FusedAdamW([p], backend=backend)
+    with pytest.raises(ValueError, match="laid out like its param"):
+        opt.step()
+    assert bool((p == 0).all())
+    opt = FusedAdamW([p], backend=backend)
+    p.grad = torch.ones(6, 4).t()
+    saved = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(6, 4),
+                           "exp_avg_sq": torch.zeros(4, 6)}},
+             "param_groups": opt.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match=r"'exp_avg' of shape \(6, 4\)"):
+        opt.load_state_dict(saved)
+    assert not opt.state[p]                                        # nothing loaded
 
 
 def test_grad_of_another_dtype_is_refused():

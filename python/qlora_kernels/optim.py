@@ -134,6 +134,11 @@ class FusedAdamW(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         moments = {p: {key: value for key, value in state_dict["state"].get(i, {}).items() if key in _MOMENTS}
                    for i, p in zip(saved_ids, params)}
+        for p, saved in moments.items():   # before anything loads: a refused dict changes nothing
+            for key, value in saved.items():
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"FusedAdamW.load_state_dict: {key!r} of shape {tuple(value.shape)} for a "
+                                     f"param of shape {tuple(p.shape)}")
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()    # ran above
         self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()   # run below
@@ -145,9 +150,10 @@ class FusedAdamW(torch.optim.Optimizer):
             state = self.state.get(p)
             if not state:
                 continue
-            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-            for key, value in saved.items():   # a copy: the caller's state dict is never updated in place
-                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+            # copies: the caller's state dict (often another optimizer's live state) is never updated in place
+            state["step"] = torch.as_tensor(state["step"]).to(p.device, torch.float32, copy=True).reshape(())
+            for key, value in saved.items():
+                state[key] = torch.empty_like(p, dtype=torch.float32).copy_(value)   # laid out like p
         extra = state_dict.get("fused_adamw")
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
@@ -285,24 +291,28 @@ class FusedAdamW(torch.optim.Optimizer):
                 if g.dtype != p.dtype:   # torch allows it (Tensor.grad_dtype); the kernels read g as p's dtype
                     raise TypeError(f"FusedAdamW needs each grad in its param's dtype, got a {g.dtype} grad for a "
                                     f"{p.dtype} param of shape {tuple(p.shape)}")
-                if not (p.is_contiguous() and g.is_contiguous()):
-                    raise ValueError("FusedAdamW needs contiguous params and grads (got a strided one of shape "
-                                     f"{tuple(p.shape)})")
+                # the kernels walk each tensor's storage flat: any dense layout (contiguous, channels_last,
+                # transposed) works when the grad and the moments share the param's strides
+                if not _dense(p):
+                    raise ValueError("FusedAdamW needs each param to cover its storage densely (no gaps or "
+                                     f"overlaps), got shape {tuple(p.shape)} with strides {p.stride()}")
+                if not _same_layout(g, p):
+                    raise ValueError(f"FusedAdamW needs each grad laid out like its param (strides {p.stride()}), "
+                                     f"got strides {g.stride()} for shape {tuple(p.shape)}")
                 state = self.state[p]
-                if len(state) == 0:
+                if len(state) == 0:   # zeros_like keeps a dense param's strides, as torch's AdamW does
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.contiguous_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                               memory_format=torch.contiguous_format)
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):   # the kernels read them as raw fp32
                     t = state.get(key)
                     if t is not None and not (t.dtype == torch.float32 and t.device == p.device
-                                              and t.shape == p.shape and t.is_contiguous()):
-                        raise ValueError(f"FusedAdamW: state {key!r} must be a contiguous float32 tensor shaped "
-                                         f"and placed like its param, got {t.dtype} {tuple(t.shape)} on {t.device}")
+                                              and t.shape == p.shape and _same_layout(t, p)):
+                        raise ValueError(f"FusedAdamW: state {key!r} must be a float32 tensor shaped, laid out and "
+                                         f"placed like its param, got {t.dtype} {tuple(t.shape)} strides "
+                                         f"{t.stride()} on {t.device}")
                 per_device.setdefault(p.device, []).append((p, g, state))
             for device, items in per_device.items():
                 if device not in plans:
@@ -332,6 +342,24 @@ class FusedAdamW(torch.optim.Optimizer):
             if plan.backend == "triton":
                 plan.prologue = ops.PrologueTable(plan.grads(), plan.steps, plan.device)
         return out
+
+
+def _dense(t):
+    """Whether t's elements fill its storage span exactly once (torch's non-overlapping-and-dense)."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(t, like):
+    """Whether t (shaped like `like`) orders its elements in memory as `like` does; size-1 dims don't count."""
+    return t.numel() == 0 or all(a == b for size, a, b in zip(like.shape, t.stride(), like.stride()) if size != 1)
 
 
 def _scalar(x):
