@@ -52,8 +52,8 @@ class LoRALinear4bit(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> "LoRALinear4bit":
-        """Quantize `linear.weight` to NF4 in its own dtype, as `bnb.nn.Linear4bit` does (bitsandbytes-identical
-        bytes; compute_dtype is the dtype of the matmul, not of the quantization), and attach a fresh LoRA
+        """Quantize `linear.weight` to NF4 in its own dtype, as `bnb.nn.Linear4bit` does (the bytes of
+        bitsandbytes on CUDA, see `quantize_nf4`; compute_dtype is the dtype of the matmul, not of the quantization), and attach a fresh LoRA
         adapter."""
         qweight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(qweight, r, lora_alpha, lora_dropout, use_rslora, linear.bias, compute_dtype)

@@ -48,7 +48,8 @@ def _check_weight(weight, blocksize):
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                  backend: str | None = None) -> NF4Weight:
     """Quantize a 2-D float weight `(out, in)` to NF4, byte-identical to bitsandbytes'
-    `quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)`.
+    `quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)` on CUDA
+    (its CPU path snaps the nested scales to a 65536-point grid first: ~0.2 % of their 8-bit codes differ).
 
     Dequantization returns `weight.dtype`. `backend` overrides the device's default (tests, benchmarks).
     """
