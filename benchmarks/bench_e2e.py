@@ -8,8 +8,8 @@ SFTTrainer with bf16=True run it (accelerate wraps the forward): PEFT's LoRA bra
   its fp32 LoRA weights, so the LoRA GEMMs, dropout, scaling run in fp32
 - "bnb+peft+torch+liger": the same with Liger's fused linear cross-entropy on the backbone's hidden states
   (when liger_kernel is installed)
-- "qlora_kernels": the same model after qlora_kernels.patch_model (fused NF4+LoRA GEMMs, linear
-  cross-entropy on the labelled rows only) + FusedAdamW(max_grad_norm=0.3)
+- "qlora_kernels": the same model after qlora_kernels.patch_model (fused NF4+LoRA GEMMs, RMSNorm kernels,
+  linear cross-entropy on the labelled rows only) + FusedAdamW(max_grad_norm=0.3)
 Completion-only labels: the last 5 positions of every row (~4 % at seq 128), as in the price recipe.
 Reports tokens/s (all positions) and peak memory of a step. --quick runs a tiny model on the CPU.
 """

@@ -16,6 +16,7 @@ SPECS = {
     "cross_entropy": (["op", "tokens", "V", "H", "labelled"],
                       [("ms", "ms (lower is better)"), ("peak_MB", "peak memory, MB")]),
     "adamw": (["set"], [("ms", "ms (lower is better)")]),
+    "rms_norm": (["tokens x hidden"], [("ms", "ms (lower is better)"), ("peak MB", "peak memory, MB")]),
     "e2e": (["model", "lora", "batch x seq"], [("tokens/s", "tokens/s (higher is better)"), ("peak MB", "peak memory, MB")]),
 }
 

@@ -20,6 +20,7 @@ import qlora_kernels  # noqa: E402
 from qlora_kernels import FusedAdamW, PatchReport, patch_model, unpatch_model  # noqa: E402
 from qlora_kernels.ops import cross_entropy as ce_ops  # noqa: E402
 from qlora_kernels.ops import nf4_lora_linear as lora_ops  # noqa: E402
+from qlora_kernels.ops import rms_norm as norm_ops  # noqa: E402
 from qlora_kernels.testing import assert_close  # noqa: E402
 
 VOCAB, SEQ, BATCH = 512, 16, 2
@@ -114,6 +115,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
     assert isinstance(report, PatchReport) and report.loss_patched and not report.skipped
     assert sorted(report.patched) == lora_layer_names(model) and len(report.patched) == 2 * len(TARGETS)
     assert "patched: 14" in str(report)
+    assert len(report.norms_patched) == 2 * 2 + 1 and "RMSNorm modules patched: 5" in str(report)   # 2 layers + final
     out, grads = loss_and_grads(model, ids, labels)
     assert out.logits is None                    # the full logits are never built
     assert out.loss.dtype == torch.float32
@@ -121,7 +123,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
     assert_grads_close(grads, ref_grads)
     assert all("lora_" in k for k in grads)
 
-    assert unpatch_model(model) == len(report.patched) + 1
+    assert unpatch_model(model) == len(report.patched) + len(report.norms_patched) + 1
     assert no_patch_left(model)
     again, _ = loss_and_grads(model, ids, labels)
     assert torch.equal(again.loss, ref_out.loss)  # bitwise: the original forwards are back
@@ -129,7 +131,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
 
 
 def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
-    calls = {"lora": 0, "ce": 0}
+    calls = {"lora": 0, "ce": 0, "norm": 0}
 
     def spy(name, fn):
         def wrapped(*a, **k):
@@ -139,6 +141,7 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
 
     monkeypatch.setattr(lora_ops, "nf4_lora_linear", spy("lora", lora_ops.nf4_lora_linear))
     monkeypatch.setattr(ce_ops, "fused_linear_cross_entropy", spy("ce", ce_ops.fused_linear_cross_entropy))
+    monkeypatch.setattr(norm_ops, "rms_norm", spy("norm", norm_ops.rms_norm))
     hinted = []   # the device path's chunk loop: was the early host count (made before the forward) its own?
     real_counted = ce_ops._counted
     monkeypatch.setattr(ce_ops, "_counted", lambda y, ignore_index, count: hinted.append(
@@ -150,7 +153,8 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
     assert len(report.patched) == 14
     ids, labels = batch()
     model(input_ids=ids, labels=labels)
-    assert calls == {"lora": 14, "ce": 1}
+    # the norms run their kernels where Triton runs (here: under the interpreter), else the modules' own forward
+    assert calls == {"lora": 14, "ce": 1, "norm": 5 if qlora_kernels._backend.interpreting() else 0}
     assert hinted == ([True] if qlora_kernels._backend.interpreting() else []), hinted
     unpatch_model(model)
     assert no_patch_left(model)
@@ -161,7 +165,7 @@ def test_without_labels_returns_logits(checkpoint):
     ids, _ = batch()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        patch_model(model, lora_linear=False)    # loss only: the logits path is the original, bit for bit
+        patch_model(model, lora_linear=False, rms_norm=False)   # loss only: the logits path is the original, bit for bit
         assert torch.equal(model(input_ids=ids).logits, ref)
         unpatch_model(model)
         report = patch_model(model)
@@ -250,6 +254,32 @@ def test_fallbacks_to_peft(checkpoint):
     for h in handles:
         h.remove()
     unpatch_model(model)
+
+
+def test_rms_norm_patch(checkpoint):
+    """The RMSNorm modules run rms_norm (where Triton runs) with the module's result; rms_norm=False and
+    unpatch_model leave or bring back the module's own forward, bit for bit; an offload-hooked norm is skipped."""
+    model = load(checkpoint, dtype=torch.bfloat16)
+    norm = model.get_base_model().model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(norm.weight.shape) + 0.5)
+    x = torch.randn(2, 5, norm.weight.shape[0], dtype=torch.bfloat16, requires_grad=True)
+    want = norm(x)
+    assert not patch_model(model, lora_linear=False, cross_entropy=False, rms_norm=False).norms_patched
+    report = patch_model(model, lora_linear=False, cross_entropy=False)
+    assert "model.model.norm" in "".join(report.norms_patched) and len(report.norms_patched) == 5
+    got = norm(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3, msg="patched norm")   # bf16 rounding apart
+    got.sum().backward()
+    assert x.grad is not None and bool(x.grad.isfinite().all())
+    unpatch_model(model)
+    assert no_patch_left(model) and torch.equal(norm(x), want)
+    norm._hf_hook = object()                     # accelerate's offload hook: its weights may live elsewhere
+    report = patch_model(model, lora_linear=False, cross_entropy=False)
+    assert len(report.norms_patched) == 4 and "hook" in report.skipped["base_model.model.model.norm"]
+    unpatch_model(model)
+    del norm._hf_hook
 
 
 def _head_adapter_and_doubled_loss(model, ids, labels):
@@ -400,7 +430,7 @@ def _checkpointing():
 
 
 def _spy_kernels(monkeypatch):
-    calls = {"lora": 0, "ce": 0}
+    calls = {"lora": 0, "ce": 0, "norm": 0}
     for mod, attr, key in ((lora_ops, "nf4_lora_linear", "lora"), (ce_ops, "fused_linear_cross_entropy", "ce")):
         real = getattr(mod, attr)
 

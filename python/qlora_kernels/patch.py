@@ -23,6 +23,7 @@ import torch
 
 _STATE = "_qlora_kernels_patch"          # per-instance state: {"prev": the instance forward replaced, or None}
 LOSS_MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")   # one math: reference.rms_norm
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class PatchReport:
     """What `patch_model` changed: LoRA layers patched, layers left as they were (with the reason), the loss."""
     patched: list = dataclasses.field(default_factory=list)     # module names
     skipped: dict = dataclasses.field(default_factory=dict)     # module name -> reason
+    norms_patched: list = dataclasses.field(default_factory=list)   # RMSNorm module names
     loss_patched: bool = False
     loss_reason: str = ""                                       # why the loss was not patched ("" if it was)
     model_class: str = ""
@@ -39,6 +41,7 @@ class PatchReport:
                  f"  LoRA NF4 layers patched: {len(self.patched)}",
                  f"  layers left as they are: {len(self.skipped)}"]
         lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
+        lines.append(f"  RMSNorm modules patched: {len(self.norms_patched)}")
         lines.append("  loss: fused linear cross-entropy (logits=None when labels are passed)" if self.loss_patched
                      else f"  loss: not patched ({self.loss_reason})")
         return "\n".join(lines)
@@ -164,6 +167,33 @@ def _lora_forward(self, x, *args, **kwargs):
 _lora_forward._qlora_kernels_patch = True
 
 
+# ----------------------------------------------------------------------------------------- RMSNorm
+def _norm_plan(module):
+    """None when an HF RMSNorm module can run `rms_norm`, else the reason."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return "no (H,) weight and float variance_epsilon"
+    if _hooked(module):
+        return "forward hooks on it"
+    return None
+
+
+def _norm_forward(self, hidden_states, *args, **kwargs):
+    """HF's RMSNorm forward by `rms_norm` where its Triton path runs (CUDA; CPU under the interpreter); the
+    module's own forward elsewhere (the same math in torch ops) and for anything unexpected."""
+    from qlora_kernels.ops.rms_norm import rms_norm, runs_triton
+
+    if (_STATE not in self.__dict__ or args or kwargs or not isinstance(hidden_states, torch.Tensor)
+            or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or hidden_states.dim() == 0 or not runs_triton(hidden_states) or _norm_plan(self) is not None
+            or self.weight.device != hidden_states.device or self.weight.shape[0] != hidden_states.shape[-1]):
+        return _original(self)(hidden_states, *args, **kwargs)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+_norm_forward._qlora_kernels_patch = True
+
+
 # ----------------------------------------------------------------------------------------- causal-LM loss
 def _find_causal_lm(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -257,7 +287,8 @@ def _lm_forward_for(cls):
 
 
 # ----------------------------------------------------------------------------------------- API
-def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True) -> PatchReport:
+def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True,
+                rms_norm: bool = True) -> PatchReport:
     """Route a QLoRA causal LM through qlora_kernels, per instance; returns what was (not) patched.
 
     `model`: a PEFT model (or the transformers model inside it, or either under DDP) whose projections are
@@ -270,6 +301,8 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
     the returned `logits` is None (a batch with no labelled token gives loss 0, where HF gives NaN); without
     labels, or with `logits_to_keep` != 0, the model's own forward runs and returns its logits. TRL's SFTTrainer computes
     its loss with its own fused LM head (`fused_lm_head=True`), which this patch passes through untouched.
+    `rms_norm`: the Llama / Mistral / Qwen2 / Qwen3 RMSNorm modules run `rms_norm` (one kernel each way instead
+    of eager's ~7 elementwise passes and fp32 copies) on CUDA; on CPU tensors their own forward runs.
     Patching twice is a no-op; `unpatch_model` reverts.
     """
     LoraLinear4bit, BnbLinear4bit, LoraLayer = _lora_classes()
@@ -291,6 +324,15 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
                 continue
             _install(module, _lora_forward)
             report.patched.append(name)
+    if rms_norm:
+        for name, module in root.named_modules():
+            if type(module).__name__ in NORM_CLASSES:
+                reason = _norm_plan(module)
+                if reason is None:
+                    _install(module, _norm_forward)
+                    report.norms_patched.append(name)
+                else:
+                    report.skipped[name] = reason
     if cross_entropy:
         reason = _loss_plan(lm)
         if reason is None:

@@ -1,0 +1,61 @@
+"""RMSNorm forward + backward (the Llama-family norm, two per layer): ours beside transformers' eager module math,
+torch.compile of it, and Liger's RMSNorm where installed, on the workload's token counts and hidden sizes.
+
+GB/s counts the minimum bytes: forward reads x and writes y, backward reads x and dy and writes dx (bf16, 2 B
+each: 10 B per element), the weight frozen as in QLoRA; % of copy is against the card's copy bandwidth.
+"""
+import torch
+
+from benchmarks import harness
+from qlora_kernels.ops.rms_norm import rms_norm
+from qlora_kernels.reference import rms_norm as ref
+
+EPS = 1e-5
+
+
+def providers(device):
+    table = {"hf eager": ref.rms_norm, "ours": rms_norm}   # eager first: the others' "x eager" divides by it
+    if device == "cuda":
+        table["torch.compile(hf)"] = torch.compile(ref.rms_norm, dynamic=False)
+        try:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            table["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)   # dx allocated, as ours
+        except ImportError:
+            pass
+    return table
+
+
+def main():
+    args = harness.parse_args(__doc__)
+    device = harness.device()
+    # (tokens, hidden): Llama-3.2-1B and -3B at 4096 and 32768 tokens (../shared/notes/workload.md), 8B at 4096
+    shapes = [(512, 2048)] if args.quick or device == "cpu" else \
+        [(4096, 2048), (32768, 2048), (4096, 3072), (32768, 3072), (4096, 4096)]
+    bandwidth = harness.copy_bandwidth_gbs()
+    rows = harness.Rows("rms_norm", args)
+    for tokens, hidden in shapes:
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.rand(hidden, device=device, dtype=torch.bfloat16) + 0.5
+        dy = torch.randn_like(x)
+        base = None
+        for name, fn in providers(device).items():
+            def step():
+                y = fn(x, w, EPS)
+                y.backward(dy)
+                x.grad = None
+            try:
+                ms = harness.time_ms(step, reps=20 if device == "cuda" else 3, device=device)
+                peak = harness.peak_memory_mb(step, device=device)
+                error = ""
+            except Exception as err:  # noqa: BLE001 - one provider's failure is a row, not the suite's end
+                ms, peak, error = None, None, f"{type(err).__name__}: {err}"[:120]
+            base = ms if name == "hf eager" else base
+            gbs = 10 * x.numel() / ms / 1e6 if ms else None
+            rows.append({"tokens x hidden": f"{tokens}x{hidden}", "provider": name, "ms": ms, "GB/s": gbs,
+                         "% of copy": 100 * gbs / bandwidth if gbs and bandwidth else None,
+                         "x eager": base / ms if base and ms else None, "peak MB": peak, "error": error})
+    harness.write_results("rms_norm", rows, args, notes="forward + backward, bf16 x and weight, weight frozen")
+
+
+if __name__ == "__main__":
+    main()

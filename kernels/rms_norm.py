@@ -1,0 +1,81 @@
+"""Triton kernels: the RMSNorm of Llama-family models (transformers' LlamaRMSNorm), forward and backward.
+
+y = weight * round_x(x * rstd), rstd = 1 / sqrt(mean(x**2) + eps) in fp32, round_x the cast back to x's dtype
+(HF rounds the normalized row before the weight multiplies it). One read of x and one write of y per element
+forward (eager HF makes ~7 passes: upcast, square, mean, rsqrt, scale, cast, weight); the backward reads x, dy
+and the saved per-row rstd and writes dx, plus per-program fp32 partial sums of dweight when it is needed.
+
+Persistent programs: each walks rows pid, pid + G, ... with the whole row (BLOCK_H >= H) in registers.
+"""
+import triton
+import triton.language as tl
+
+from .nf4 import round_to_bf16_bits
+
+MAX_BLOCK_H = 8192   # a row in registers (70B models: H = 8192); wider rows spill: the plain-PyTorch path
+
+
+def num_warps_for(block_h: int) -> int:
+    """8 fp32 elements per thread and array (16-byte bf16 loads); 16 warps at most."""
+    return max(4, min(16, block_h // 256))
+
+
+@triton.jit
+def _bf16_round(v):
+    """fp32 -> bf16 -> fp32, round to nearest even (the interpreter's own bf16 cast truncates)."""
+    bits = round_to_bf16_bits(v).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, H, stride_x, stride_y, eps,
+                            X_BF16: tl.constexpr, Y_BF16_BITS: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+    """x (n_rows, H) rows at stride_x, w (H,), y (n_rows, H) rows at stride_y, rstd (n_rows,) fp32.
+    With Y_BF16_BITS, y_ptr is an int16 view of bf16 output rounded here (the interpreter truncates)."""
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):   # int64 row offsets
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        if X_BF16:
+            y = w * _bf16_round(x * rstd)
+        else:
+            y = w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        if Y_BF16_BITS:
+            tl.store(y_ptr + row * stride_y + cols, round_to_bf16_bits(y), mask=mask)
+        else:
+            tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def rms_norm_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, H, stride_x, stride_dy,
+                             stride_dx, X_BF16: tl.constexpr, DX_BF16_BITS: tl.constexpr,
+                             NEED_DW: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dn = dy * w; dx = rstd * (dn - xhat * mean(dn * xhat)), xhat = x * rstd (fp32, unrounded, as autograd
+    differentiates through the cast); dw_part[pid] = sum over this program's rows of dy * round_x(xhat)."""
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):   # int64 row offsets
+        # w re-read per row (an L1 hit): held across the loop it made BLOCK_H = 8192 spill at 16 warps
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x * rstd
+        dn = dy * w
+        dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / H))
+        if DX_BF16_BITS:
+            tl.store(dx_ptr + row * stride_dx + cols, round_to_bf16_bits(dx), mask=mask)
+        else:
+            tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            if X_BF16:
+                dw += dy * _bf16_round(xhat)
+            else:
+                dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if NEED_DW:
+        tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * H + cols, dw, mask=mask)

@@ -1,0 +1,145 @@
+"""RMSNorm of the Llama family (transformers' LlamaRMSNorm): checks, launchers, torch.library custom ops, the
+autograd Function and the functional entry point `rms_norm`.
+
+Backends: Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); other tensors, and rows wider than
+kernels.MAX_BLOCK_H, run the plain-PyTorch reference, which is HF's own math (nothing to gain on the CPU).
+"""
+import functools
+import math
+
+import torch
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import rms_norm as kernels
+from qlora_kernels.reference import rms_norm as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PROGRAMS_PER_SM = 4        # persistent programs of 8-16 warps: 4 per SM keep ~4 rows (~24 KB at H = 3072) in flight
+INTERPRET_PROGRAMS = 2     # the interpreter's cost is per program: few, each looping over rows
+
+
+def _check(x, weight, eps):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"rms_norm: x and weight must be tensors, got {type(x).__name__} and "
+                        f"{type(weight).__name__}")
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"rms_norm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm: weight must be (H,) with H = x.shape[-1], got x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    _backend.check_same_device(x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
+
+
+def runs_triton(x):
+    """Whether rms_norm runs its kernels on x (else the plain-PyTorch math)."""
+    return (x.device.type == "cuda" or (_backend.interpreting() and x.device.type == "cpu")) \
+        and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(x2d):
+    cap = INTERPRET_PROGRAMS if _backend.interpreting() else PROGRAMS_PER_SM * _num_sms(x2d.device)
+    return max(1, min(x2d.shape[0], cap))
+
+
+def _bits(t):
+    """bf16 outputs under the interpreter are stored as rounded int16 bit patterns (its own cast truncates)."""
+    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
+
+
+def _launch_config(H):
+    block_h = max(16, _backend.next_power_of_2(H))
+    return dict(BLOCK_H=block_h, num_warps=kernels.num_warps_for(block_h))
+
+
+@torch.library.custom_op("qlora_kernels::rms_norm_forward", mutates_args=())
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d (rows, H) with unit column stride, weight (H,) -> (y (rows, H) in promote(weight, x), rstd (rows,) fp32)."""
+    n, H = x2d.shape
+    y = torch.empty((n, H), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x2d.device)
+    if n:
+        x_bf16 = x2d.dtype == torch.bfloat16
+        kernels.rms_norm_forward_kernel[(_programs(x2d),)](
+            x2d, weight.contiguous(), _bits(y), rstd, n, H, x2d.stride(0), y.stride(0), eps,
+            X_BF16=x_bf16, Y_BF16_BITS=_bits(y) is not y, **_launch_config(H))
+    return y, rstd
+
+
+@rms_norm_forward.register_fake
+def _(x2d, weight, eps):
+    n, H = x2d.shape
+    return (x2d.new_empty((n, H), dtype=torch.promote_types(weight.dtype, x2d.dtype)),
+            x2d.new_empty(n, dtype=torch.float32))
+
+
+@torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())
+def rms_norm_backward(x2d: torch.Tensor, weight: torch.Tensor, dy2d: torch.Tensor, rstd: torch.Tensor,
+                      need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (rows, H) in x's dtype, dweight (H,) in weight's dtype, or an empty tensor unless need_dw)."""
+    n, H = x2d.shape
+    dx = torch.empty((n, H), dtype=x2d.dtype, device=x2d.device)
+    programs = _programs(x2d)
+    dw_part = torch.empty((programs, H) if need_dw else (0,), dtype=torch.float32, device=x2d.device)
+    if n:
+        kernels.rms_norm_backward_kernel[(programs,)](
+            x2d, weight.contiguous(), dy2d, rstd, _bits(dx), dw_part, n, H, x2d.stride(0), dy2d.stride(0),
+            dx.stride(0), X_BF16=x2d.dtype == torch.bfloat16, DX_BF16_BITS=_bits(dx) is not dx, NEED_DW=need_dw,
+            **_launch_config(H))
+    if not need_dw:
+        return dx, weight.new_empty(0)
+    dw = dw_part.sum(0) if n else torch.zeros(H, dtype=torch.float32, device=x2d.device)
+    return dx, dw.to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _(x2d, weight, dy2d, rstd, need_dw):
+    return torch.empty_like(x2d), weight.new_empty(weight.shape if need_dw else (0,))
+
+
+def _rows(t, H):
+    """(rows, H) view of t with unit column stride (a copy only where the layout needs one)."""
+    t2d = t.reshape(-1, H)
+    return t2d if t2d.stride(-1) == 1 or H == 1 else t2d.contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        H = x.shape[-1]
+        x2d = _rows(x, H)
+        y, rstd = torch.ops.qlora_kernels.rms_norm_forward(x2d, weight, eps)
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("qlora_kernels rms_norm: double backward (create_graph=True) is not supported")
+        x2d, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.qlora_kernels.rms_norm_backward(x2d, weight, _rows(dy, x2d.shape[1]), rstd,
+                                                           ctx.needs_input_grad[1])
+        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None, None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (Llama, Mistral, Qwen2, Qwen3) in one kernel each way:
+    `weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)`, the statistics in fp32.
+
+    x (..., H) in fp32/bf16/fp16, weight (H,) -> (..., H) in torch.promote_types(weight.dtype, x.dtype), as the
+    module returns it. Gradients for x and weight (each only when required; weight's summed in fp32). Saves x
+    and one fp32 per row for backward (eager autograd keeps fp32 copies of the row).
+    """
+    _check(x, weight, eps)
+    if not runs_triton(x):
+        return ref.rms_norm(x, weight, eps)
+    return _RMSNorm.apply(x, weight, float(eps))
