@@ -126,18 +126,24 @@ def config_sweep(shapes, device):
     params = make_params(shapes, device)
     combos = [(u, default[2:]) for u in kernels.UPDATE_CONFIGS] + \
              [(default[:2], n) for n in kernels.NORM_CONFIGS if n != default[2:]]
-    for (block, warps), (nblock, nwarps) in combos:
-        kernels.UPDATE_BLOCK, kernels.UPDATE_WARPS = block, warps
-        kernels.NORM_BLOCK, kernels.NORM_WARPS = nblock, nwarps
-        opt = FusedAdamW(params, lr=LR, weight_decay=WD, max_grad_norm=MAX_NORM)
-        opt.step()
-        ms = harness.time_ms(opt.step)
-        gbs = BYTES_PER_PARAM * n_params / ms / 1e6
-        bw = harness.copy_bandwidth_gbs()
-        rows.append({"set": "full", "provider": f"ours update {block}/w{warps}, norm {nblock}/w{nwarps}", "ms": ms,
-                     "GB/s": gbs, "of copy BW": gbs / bw if bw else None})
-        del opt
-    kernels.UPDATE_BLOCK, kernels.UPDATE_WARPS, kernels.NORM_BLOCK, kernels.NORM_WARPS = default
+    bw = harness.copy_bandwidth_gbs()
+    try:
+        for (block, warps), (nblock, nwarps) in combos:
+            kernels.UPDATE_BLOCK, kernels.UPDATE_WARPS = block, warps
+            kernels.NORM_BLOCK, kernels.NORM_WARPS = nblock, nwarps
+            row = {"set": "full", "provider": f"ours update {block}/w{warps}, norm {nblock}/w{nwarps}"}
+            try:   # one config's failure is a row with its reason, not the end of the suite
+                opt = FusedAdamW(params, lr=LR, weight_decay=WD, max_grad_norm=MAX_NORM)
+                opt.step()
+                ms = harness.time_ms(opt.step)
+                gbs = BYTES_PER_PARAM * n_params / ms / 1e6
+                row.update({"ms": ms, "GB/s": gbs, "of copy BW": gbs / bw if bw else None})
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {err}"[:120]
+            opt = None
+            rows.append(row)
+    finally:   # the later suites' rows run on the defaults whatever happened here
+        kernels.UPDATE_BLOCK, kernels.UPDATE_WARPS, kernels.NORM_BLOCK, kernels.NORM_WARPS = default
     return rows
 
 

@@ -47,21 +47,21 @@ def _with_env(env, fn):
 
 
 def _measure(fn, reset=None):
-    """(median ms, peak extra MB), or (None, None) when it runs out of memory or fails (the error is printed:
-    one provider's failure must not cost the others' rows). reset: drops the gradient the timed calls left,
-    so the peak counts the one the measured call allocates."""
+    """(median ms, peak extra MB, error): (None, None, "<why>") when it runs out of memory or fails, so one
+    provider's failure is a row with its reason and costs the others nothing. reset: drops the gradient the
+    timed calls left, so the peak counts the one the measured call allocates."""
     try:
         ms = harness.time_ms(fn)
         mem = harness.peak_memory_mb(fn, reset)
     except torch.OutOfMemoryError:
-        return None, None
+        return None, None, "out of memory"
     except Exception as err:  # noqa: BLE001
         print(f"provider failed: {err}")
-        return None, None
+        return None, None, f"{type(err).__name__}: {err}"[:120]
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return ms, mem
+    return ms, mem, ""
 
 
 def _ce_providers(N, V, frac, dev, dtype, compiled):
@@ -127,20 +127,21 @@ def bench_ce(rows, args, dev, dtype, shapes, V):
             def drop_grads():
                 logits.grad = scratch.grad = None
             for name, fn in providers:
-                ms, mem = _measure(fn, drop_grads)
+                ms, mem, error = _measure(fn, drop_grads)
                 gbs = None if ms is None else nbytes / ms / 1e6
                 rows.append({"op": "cross_entropy", "tokens": N, "V": V, "labelled": frac, "provider": name,
                              "ms": ms, "GB/s": gbs, "of_copy_bw": None if gbs is None or bw is None else gbs / bw,
-                             "floor_ms": None if bw is None else nbytes / bw / 1e6, "peak_MB": mem})
+                             "floor_ms": None if bw is None else nbytes / bw / 1e6, "peak_MB": mem,
+                             "error": error})
             if dev == "cuda" and N == shapes[-1] and frac == 1.0:   # configs of our kernel, one run
                 # the fused and split sweeps of the first run are in the committed table; the row mode's not yet
                 for bv, warps, mode in ((32768, 32, "row"), (16384, 16, "row"), (8192, 8, "row"), (8192, 16, "row")):
                     env = {"QLORA_KERNELS_CE_BLOCK_V": str(bv), "QLORA_KERNELS_CE_WARPS": str(warps),
                            "QLORA_KERNELS_CE_MODE": mode}
-                    ms, _ = _measure(_with_env(env, providers[0][1]))
+                    ms, _, error = _measure(_with_env(env, providers[0][1]))
                     rows.append({"op": "cross_entropy", "tokens": N, "V": V, "labelled": frac,
                                  "provider": f"ours[{mode},bv={bv},w={warps}]", "ms": ms,
-                                 "GB/s": None if ms is None else nbytes / ms / 1e6})
+                                 "GB/s": None if ms is None else nbytes / ms / 1e6, "error": error})
             del providers, logits, labels, scratch
     return compile_s
 
@@ -201,7 +202,7 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 h.grad = None
             for name, fn in providers:
                 h.grad = None
-                ms, mem = _measure(fn, drop_grad)
+                ms, mem, error = _measure(fn, drop_grad)
                 tf = None if ms is None else flops / ms / 1e9
                 # work_MB: the peak less the (N, H) input gradient the op returns, which every provider
                 # allocates during the call: the working memory the "extra memory" target is about
@@ -209,7 +210,7 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 rows.append({"op": "linear_cross_entropy", "tokens": N, "H": H, "V": V, "labelled": frac,
                              "provider": name, "ms": ms, "TFLOP/s": tf,
                              "of_bf16_peak": None if tf is None else tf / harness.BF16_DENSE_TFLOPS, "peak_MB": mem,
-                             "work_MB": None if mem is None else mem - grad_mb})
+                             "work_MB": None if mem is None else mem - grad_mb, "error": error})
             del providers, h, w, labels
             g = None
             if dev == "cuda":

@@ -10,7 +10,8 @@
 set -uo pipefail
 export OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-export TRITON_DEFAULT_FP_FUSION=1 PYTHONDONTWRITEBYTECODE=1
+# unbuffered: a suite cut by `timeout` keeps what it printed (block-buffered output died with it)
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 stage() { echo "== $(date +%T) $*"; }
 {
   stage card
@@ -47,8 +48,16 @@ stage() { echo "== $(date +%T) $*"; }
   workers=$(python -c "import xdist, pytest; assert int(pytest.__version__.split('.')[0]) >= 7" 2>/dev/null \
     && echo "-n ${TEST_WORKERS:-8}")   # pytest-xdist 3.8 needs pytest >= 7
   echo "pytest workers: ${workers:-none (pytest-xdist not installed)}"
-  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v -x \
+  # no -x: each CUDA-only test decides something on its own (a lookup, a mode, the decode kernel)
+  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v \
     -m "not slow" --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  fi
+  if [ "${DEMO:-0}" = 1 ]; then   # the main job on the GPU defaults (DEMO_STEPS shortens it), cut at DEMO_TIMEOUT;
+    # before the suites: the main job has never run on a GPU, and the last step of a call is the one cut
+    stage "qlora-kernels demo"
+    timeout "${DEMO_TIMEOUT:-120}" python -m qlora_kernels.cli demo --out "$OUT" \
+      ${DEMO_STEPS:+--steps "$DEMO_STEPS"} > "$OUT/demo.log" 2>&1 || echo "demo FAILED or timed out"
+    tail -15 "$OUT/demo.log"
   fi
   # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds, or at
   # BENCH_TIMEOUT_<suite> (e.g. BENCH_TIMEOUT_e2e=300) where set; rows are saved as they come: a cut suite
@@ -62,12 +71,6 @@ stage() { echo "== $(date +%T) $*"; }
     timeout "$limit" python -m "benchmarks.bench_$suite" --out "$OUT" > "$OUT/bench_$suite.log" 2>&1 \
       || { echo "FAILED or timed out:"; tail -5 "$OUT/bench_$suite.log"; }
   done
-  if [ "${DEMO:-0}" = 1 ]; then   # the main job on the GPU defaults (DEMO_STEPS shortens it), cut at DEMO_TIMEOUT
-    stage "qlora-kernels demo"
-    timeout "${DEMO_TIMEOUT:-120}" python -m qlora_kernels.cli demo --out "$OUT" \
-      ${DEMO_STEPS:+--steps "$DEMO_STEPS"} > "$OUT/demo.log" 2>&1 || echo "demo FAILED or timed out"
-    tail -15 "$OUT/demo.log"
-  fi
   stage done
 } 2>&1 | tee "$OUT/gpu_check.log"
 cat "$OUT"/*.md 2>/dev/null

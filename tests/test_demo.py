@@ -87,6 +87,38 @@ def test_cli_unreadable_model(tmp_path, capsys):
     assert err.startswith("qlora-kernels demo: error: cannot load a causal LM") and len(err.splitlines()) == 1
 
 
+def test_cli_model_with_a_smaller_vocabulary_than_its_tokenizer(tmp_path, capsys):
+    import transformers
+    from test_patch import _tokenizer
+
+    cfg = transformers.LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    _tokenizer().save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["demo", "--model", str(tmp_path), "--out", str(tmp_path), "--steps", "1"]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if "qlora-kernels demo:" in line]
+    assert len(ours) == 1 and "past the model's 10 embedding rows" in ours[0]
+
+
+@pytest.mark.parametrize("argv,message", [(["bench", "foo"], "invalid choice: 'foo'"), ([], "required: command"),
+                                          (["frob"], "invalid choice: 'frob'"),
+                                          (["bench", "nf4", "extra"], "unrecognized arguments: extra")])
+def test_cli_argument_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bench_unwritable_out(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("")
+    assert cli.main(["bench", "adamw", "--quick", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qlora-kernels bench: error: cannot write results to") and len(err.splitlines()) == 1
+
+
 def test_demo_bad_values(tmp_path):
     with pytest.raises(DemoError, match="steps must be > 0"):
         run_demo(steps=0, out_dir=str(tmp_path), device="cpu", progress=False, out=io.StringIO())
@@ -153,7 +185,7 @@ def test_bench_quick_writes_table_and_plot(suite, tmp_path, monkeypatch, capfd):
     assert cli.main(["bench", suite, "--quick", "--out", str(tmp_path)]) == 0
     printed = capfd.readouterr().out
     assert " failed: " not in printed and "plot failed" not in printed
-    stem = {"lora": "nf4_lora_linear", "ce": "cross_entropy"}.get(suite, suite)
+    stem = cli.SUITES[suite].removeprefix("bench_")
     rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
     assert rows and all("provider" in row for row in rows)
     assert (tmp_path / f"{stem}.md").read_text().count("\n|") >= len(rows) + 1

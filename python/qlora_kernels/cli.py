@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 SUITES = {"nf4": "bench_nf4", "lora": "bench_nf4_lora_linear", "ce": "bench_cross_entropy", "adamw": "bench_adamw",
-          "e2e": "bench_e2e"}
+          "norm": "bench_rms_norm", "e2e": "bench_e2e"}
 
 
 def demo(args) -> int:
@@ -30,6 +30,16 @@ def bench(args) -> int:
         print("qlora-kernels bench: needs a source checkout (benchmarks/ is not installed); run it from an "
               "editable install (`pip install --no-build-isolation -e .`)", file=sys.stderr)
         return 2
+    out = args.out or os.environ.get("OUT")
+    if out:
+        try:    # one line now, not a traceback from every suite
+            os.makedirs(out, exist_ok=True)
+            if not os.access(out, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as err:
+            print(f"qlora-kernels bench: error: cannot write results to {out!r}: {err.strerror or err}",
+                  file=sys.stderr)
+            return 2
     names = list(SUITES) if args.suite == "all" else [args.suite]
     status = 0
     for name in names:
@@ -78,6 +88,7 @@ def _one_line_error(prog):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__)
+    parser.error = _one_line_error("qlora-kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="the main job: a QLoRA fine-tune, ours vs the PyTorch reference")
     p_demo.error = _one_line_error("qlora-kernels demo")
@@ -93,13 +104,14 @@ def main(argv=None) -> int:
                         help="CPU threads (default 1 on CPU: the matmuls are tiny)")
     p_bench = sub.add_parser("bench", help="run benchmark suites, writing tables and plots under "
                                            "benchmarks/results/")
+    p_bench.error = _one_line_error("qlora-kernels bench")
     p_bench.add_argument("suite", nargs="?", default="all", choices=list(SUITES) + ["all"])
     p_bench.add_argument("--quick", action="store_true", help="small shapes (a CPU smoke run)")
     p_bench.add_argument("--out", default=None, metavar="DIR",
                          help="where the tables and plots go (default $OUT, else benchmarks/results/local)")
     args, extra = parser.parse_known_args(argv)
     if extra:
-        (p_demo if args.command == "demo" else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        {"demo": p_demo, "bench": p_bench}[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         return demo(args)
     return bench(args)

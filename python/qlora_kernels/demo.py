@@ -482,6 +482,12 @@ def _run_demo(steps, model_path, out_dir, device, seed, batch_size, lr, threads,
         if reason is not None:
             raise DemoError(f"cannot train {model_path!r} with the fused loss: {reason}; the demo takes "
                             f"{', '.join(LOSS_MODEL_CLASSES)} checkpoints")
+        n_rows = model.get_input_embeddings().num_embeddings   # ids past it fail deep inside the first forward
+        top = max(max(tok.encode(ex.prompt, bos=True) + tok.encode(ex.completion) + [tok.eos_token_id, tok.pad_token_id])
+                  for ex in data)
+        if top >= n_rows:
+            raise DemoError(f"the tokenizer at {model_path!r} gives token id {top}, past the model's {n_rows} "
+                            "embedding rows (a tokenizer of another model?)")
         what = f"{model_path} ({model.config.model_type})"
     else:
         tok = WordTokenizer()
