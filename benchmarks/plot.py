@@ -17,6 +17,7 @@ SPECS = {
                       [("ms", "ms (lower is better)"), ("peak_MB", "peak memory, MB")]),
     "adamw": (["set"], [("ms", "ms (lower is better)")]),
     "rms_norm": (["tokens x hidden"], [("ms", "ms (lower is better)"), ("peak MB", "peak memory, MB")]),
+    "swiglu": (["tokens x intermediate"], [("ms", "ms (lower is better)"), ("peak MB", "peak memory, MB")]),
     "e2e": (["model", "lora", "batch x seq"], [("tokens/s", "tokens/s (higher is better)"), ("peak MB", "peak memory, MB")]),
 }
 

@@ -21,6 +21,7 @@ from qlora_kernels import FusedAdamW, PatchReport, patch_model, unpatch_model  #
 from qlora_kernels.ops import cross_entropy as ce_ops  # noqa: E402
 from qlora_kernels.ops import nf4_lora_linear as lora_ops  # noqa: E402
 from qlora_kernels.ops import rms_norm as norm_ops  # noqa: E402
+from qlora_kernels.ops import swiglu as swiglu_ops  # noqa: E402
 from qlora_kernels.testing import assert_close  # noqa: E402
 
 VOCAB, SEQ, BATCH = 512, 16, 2
@@ -116,6 +117,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
     assert sorted(report.patched) == lora_layer_names(model) and len(report.patched) == 2 * len(TARGETS)
     assert "patched: 14" in str(report)
     assert len(report.norms_patched) == 2 * 2 + 1 and "RMSNorm modules patched: 5" in str(report)   # 2 layers + final
+    assert len(report.mlps_patched) == 2 and "SwiGLU MLPs patched: 2" in str(report)
     out, grads = loss_and_grads(model, ids, labels)
     assert out.logits is None                    # the full logits are never built
     assert out.loss.dtype == torch.float32
@@ -123,7 +125,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
     assert_grads_close(grads, ref_grads)
     assert all("lora_" in k for k in grads)
 
-    assert unpatch_model(model) == len(report.patched) + len(report.norms_patched) + 1
+    assert unpatch_model(model) == len(report.patched) + len(report.norms_patched) + len(report.mlps_patched) + 1
     assert no_patch_left(model)
     again, _ = loss_and_grads(model, ids, labels)
     assert torch.equal(again.loss, ref_out.loss)  # bitwise: the original forwards are back
@@ -131,7 +133,7 @@ def test_patched_matches_unpatched(checkpoint, dtype, rslora):
 
 
 def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
-    calls = {"lora": 0, "ce": 0, "norm": 0}
+    calls = {"lora": 0, "ce": 0, "norm": 0, "swiglu": 0}
 
     def spy(name, fn):
         def wrapped(*a, **k):
@@ -142,6 +144,7 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
     monkeypatch.setattr(lora_ops, "nf4_lora_linear", spy("lora", lora_ops.nf4_lora_linear))
     monkeypatch.setattr(ce_ops, "fused_linear_cross_entropy", spy("ce", ce_ops.fused_linear_cross_entropy))
     monkeypatch.setattr(norm_ops, "rms_norm", spy("norm", norm_ops.rms_norm))
+    monkeypatch.setattr(swiglu_ops, "swiglu", spy("swiglu", swiglu_ops.swiglu))
     hinted = []   # the device path's chunk loop: was the early host count (made before the forward) its own?
     real_counted = ce_ops._counted
     monkeypatch.setattr(ce_ops, "_counted", lambda y, ignore_index, count: hinted.append(
@@ -154,7 +157,8 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
     ids, labels = batch()
     model(input_ids=ids, labels=labels)
     # the norms run their kernels where Triton runs (here: under the interpreter), else the modules' own forward
-    assert calls == {"lora": 14, "ce": 1, "norm": 5 if qlora_kernels._backend.interpreting() else 0}
+    triton = qlora_kernels._backend.interpreting()
+    assert calls == {"lora": 14, "ce": 1, "norm": 5 if triton else 0, "swiglu": 2 if triton else 0}
     assert hinted == ([True] if qlora_kernels._backend.interpreting() else []), hinted
     unpatch_model(model)
     assert no_patch_left(model)
@@ -165,7 +169,7 @@ def test_without_labels_returns_logits(checkpoint):
     ids, _ = batch()
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        patch_model(model, lora_linear=False, rms_norm=False)   # loss only: the logits path is the original, bit for bit
+        patch_model(model, lora_linear=False, rms_norm=False, swiglu=False)   # loss only: the original logits path
         assert torch.equal(model(input_ids=ids).logits, ref)
         unpatch_model(model)
         report = patch_model(model)
@@ -280,6 +284,29 @@ def test_rms_norm_patch(checkpoint):
     assert len(report.norms_patched) == 4 and "hook" in report.skipped["base_model.model.model.norm"]
     unpatch_model(model)
     del norm._hf_hook
+
+
+def test_swiglu_patch(checkpoint):
+    """The MLPs compute silu(gate) * up by swiglu (where Triton runs), calling the LoRA projections as the module
+    does; swiglu=False and unpatch_model leave or bring back the module's forward; another activation is skipped."""
+    model = load(checkpoint, dtype=torch.bfloat16)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    want = mlp(x)
+    assert not patch_model(model, lora_linear=False, cross_entropy=False, rms_norm=False, swiglu=False).mlps_patched
+    report = patch_model(model, lora_linear=False, cross_entropy=False, rms_norm=False)
+    assert len(report.mlps_patched) == 2
+    got = mlp(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2, msg="patched MLP")   # bf16 rounding apart
+    unpatch_model(model)
+    assert no_patch_left(model) and torch.equal(mlp(x), want)
+    act = mlp.act_fn
+    mlp.act_fn = torch.nn.GELU()
+    report = patch_model(model, lora_linear=False, cross_entropy=False, rms_norm=False)
+    assert len(report.mlps_patched) == 1 and "GELU" in report.skipped["base_model.model.model.layers.0.mlp"]
+    unpatch_model(model)
+    mlp.act_fn = act
 
 
 def _head_adapter_and_doubled_loss(model, ids, labels):
@@ -430,7 +457,7 @@ def _checkpointing():
 
 
 def _spy_kernels(monkeypatch):
-    calls = {"lora": 0, "ce": 0, "norm": 0}
+    calls = {"lora": 0, "ce": 0, "norm": 0, "swiglu": 0}
     for mod, attr, key in ((lora_ops, "nf4_lora_linear", "lora"), (ce_ops, "fused_linear_cross_entropy", "ce")):
         real = getattr(mod, attr)
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 SUITES = {"nf4": "bench_nf4", "lora": "bench_nf4_lora_linear", "ce": "bench_cross_entropy", "adamw": "bench_adamw",
-          "norm": "bench_rms_norm", "e2e": "bench_e2e"}
+          "norm": "bench_rms_norm", "swiglu": "bench_swiglu", "e2e": "bench_e2e"}
 
 
 def demo(args) -> int:

@@ -24,6 +24,8 @@ import torch
 _STATE = "_qlora_kernels_patch"          # per-instance state: {"prev": the instance forward replaced, or None}
 LOSS_MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")   # one math: reference.rms_norm
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")   # down(act(gate(x)) * up(x))
+SILU_CLASSES = ("SiLUActivation", "SiLU")
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class PatchReport:
     patched: list = dataclasses.field(default_factory=list)     # module names
     skipped: dict = dataclasses.field(default_factory=dict)     # module name -> reason
     norms_patched: list = dataclasses.field(default_factory=list)   # RMSNorm module names
+    mlps_patched: list = dataclasses.field(default_factory=list)    # SwiGLU MLP module names
     loss_patched: bool = False
     loss_reason: str = ""                                       # why the loss was not patched ("" if it was)
     model_class: str = ""
@@ -42,6 +45,7 @@ class PatchReport:
                  f"  layers left as they are: {len(self.skipped)}"]
         lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
         lines.append(f"  RMSNorm modules patched: {len(self.norms_patched)}")
+        lines.append(f"  SwiGLU MLPs patched: {len(self.mlps_patched)}")
         lines.append("  loss: fused linear cross-entropy (logits=None when labels are passed)" if self.loss_patched
                      else f"  loss: not patched ({self.loss_reason})")
         return "\n".join(lines)
@@ -194,6 +198,37 @@ def _norm_forward(self, hidden_states, *args, **kwargs):
 _norm_forward._qlora_kernels_patch = True
 
 
+# ----------------------------------------------------------------------------------------- SwiGLU MLP
+def _mlp_plan(module):
+    """None when an HF MLP computes down(silu(gate(x)) * up(x)) and `swiglu` can serve it, else the reason."""
+    act = getattr(module, "act_fn", None)
+    if type(act).__name__ not in SILU_CLASSES or getattr(act, "inplace", False):
+        return f"activation {type(act).__name__}, not SiLU"
+    if not all(isinstance(getattr(module, p, None), torch.nn.Module) for p in ("gate_proj", "up_proj", "down_proj")):
+        return "no gate_proj / up_proj / down_proj"
+    if _hooked(module.act_fn):
+        return "forward hooks on act_fn"
+    return None
+
+
+def _mlp_forward(self, x, *args, **kwargs):
+    """The MLP's forward with silu(gate) * up by `swiglu` where its Triton path runs (the projections are called
+    as the module calls them, gate first); the module's own forward elsewhere."""
+    from qlora_kernels.ops.swiglu import runs_triton, swiglu
+
+    if (_STATE not in self.__dict__ or args or kwargs or not isinstance(x, torch.Tensor) or not runs_triton(x)
+            or _mlp_plan(self) is not None):
+        return _original(self)(x, *args, **kwargs)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if (gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device
+            or gate.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not runs_triton(gate)):
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(swiglu(gate, up))
+
+
+_mlp_forward._qlora_kernels_patch = True
+
+
 # ----------------------------------------------------------------------------------------- causal-LM loss
 def _find_causal_lm(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -288,7 +323,7 @@ def _lm_forward_for(cls):
 
 # ----------------------------------------------------------------------------------------- API
 def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True,
-                rms_norm: bool = True) -> PatchReport:
+                rms_norm: bool = True, swiglu: bool = True) -> PatchReport:
     """Route a QLoRA causal LM through qlora_kernels, per instance; returns what was (not) patched.
 
     `model`: a PEFT model (or the transformers model inside it, or either under DDP) whose projections are
@@ -303,6 +338,7 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
     its loss with its own fused LM head (`fused_lm_head=True`), which this patch passes through untouched.
     `rms_norm`: the Llama / Mistral / Qwen2 / Qwen3 RMSNorm modules run `rms_norm` (one kernel each way instead
     of eager's ~7 elementwise passes and fp32 copies) on CUDA; on CPU tensors their own forward runs.
+    `swiglu`: the same models' MLPs compute silu(gate) * up by `swiglu` (one kernel each way) on CUDA.
     Patching twice is a no-op; `unpatch_model` reverts.
     """
     LoraLinear4bit, BnbLinear4bit, LoraLayer = _lora_classes()
@@ -331,6 +367,15 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
                 if reason is None:
                     _install(module, _norm_forward)
                     report.norms_patched.append(name)
+                else:
+                    report.skipped[name] = reason
+    if swiglu:
+        for name, module in root.named_modules():
+            if type(module).__name__ in MLP_CLASSES:
+                reason = _mlp_plan(module)
+                if reason is None:
+                    _install(module, _mlp_forward)
+                    report.mlps_patched.append(name)
                 else:
                     report.skipped[name] = reason
     if cross_entropy:

@@ -1,0 +1,57 @@
+"""SwiGLU forward + backward (silu(gate) * up, one per layer): ours beside transformers' eager math,
+torch.compile of it, and Liger's SiLU-mul where installed, on the workload's token counts and MLP widths.
+
+GB/s counts the minimum bytes: forward reads gate and up and writes y, backward reads gate, up and dy and writes
+both gradients (bf16, 2 B each: 16 B per element); % of copy is against the card's copy bandwidth.
+"""
+import torch
+
+from benchmarks import harness
+from qlora_kernels.ops.swiglu import swiglu
+from qlora_kernels.reference import swiglu as ref
+
+
+def providers(device):
+    table = {"hf eager": ref.swiglu, "ours": swiglu}   # eager first: the others' "x eager" divides by it
+    if device == "cuda":
+        table["torch.compile(hf)"] = torch.compile(ref.swiglu, dynamic=False)
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+            table["liger"] = LigerSiLUMulFunction.apply
+        except ImportError:
+            pass
+    return table
+
+
+def main():
+    args = harness.parse_args(__doc__)
+    device = harness.device()
+    # (tokens, intermediate): Llama-3.2-1B (8192) and -3B (8192) at 4096 and 32768 tokens, 8B (14336) at 4096
+    shapes = [(256, 2048)] if args.quick or device == "cpu" else [(4096, 8192), (32768, 8192), (4096, 14336)]
+    bandwidth = harness.copy_bandwidth_gbs()
+    rows = harness.Rows("swiglu", args)
+    for tokens, inter in shapes:
+        gate = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
+        up = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16)
+        base = None
+        for name, fn in providers(device).items():
+            def step():
+                fn(gate, up).backward(dy)
+                gate.grad = up.grad = None
+            try:
+                ms = harness.time_ms(step, reps=20 if device == "cuda" else 3, device=device)
+                peak = harness.peak_memory_mb(step, device=device)
+                error = ""
+            except Exception as err:  # noqa: BLE001 - one provider's failure is a row, not the suite's end
+                ms, peak, error = None, None, f"{type(err).__name__}: {err}"[:120]
+            base = ms if name == "hf eager" else base
+            gbs = 16 * gate.numel() / ms / 1e6 if ms else None
+            rows.append({"tokens x intermediate": f"{tokens}x{inter}", "provider": name, "ms": ms, "GB/s": gbs,
+                         "% of copy": 100 * gbs / bandwidth if gbs and bandwidth else None,
+                         "x eager": base / ms if base and ms else None, "peak MB": peak, "error": error})
+    harness.write_results("swiglu", rows, args, notes="forward + backward, bf16 gate and up")
+
+
+if __name__ == "__main__":
+    main()

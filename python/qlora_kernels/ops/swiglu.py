@@ -1,0 +1,104 @@
+"""SwiGLU of the Llama-family MLP, silu(gate) * up: checks, launchers, torch.library custom ops, the autograd
+Function and the functional entry point `swiglu`.
+
+Backends: Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); other tensors run the plain-PyTorch
+reference, which is HF's own math.
+"""
+import torch
+
+from qlora_kernels import _backend
+from qlora_kernels.kernels import swiglu as kernels
+from qlora_kernels.reference import swiglu as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(gate, up):
+    if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor):
+        raise TypeError(f"swiglu: gate and up must be tensors, got {type(gate).__name__} and {type(up).__name__}")
+    if gate.dtype not in _DTYPES or up.dtype != gate.dtype:
+        raise TypeError(f"swiglu: gate and up must share one dtype of float32, bfloat16, float16, got {gate.dtype} "
+                        f"and {up.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    _backend.check_same_device(gate=gate, up=up)
+
+
+def runs_triton(t):
+    """Whether swiglu runs its kernels on tensors like t (else the plain-PyTorch math)."""
+    return t.device.type == "cuda" or (_backend.interpreting() and t.device.type == "cpu")
+
+
+def _grid_block(n):
+    block = kernels.INTERPRET_BLOCK if _backend.interpreting() else kernels.BLOCK
+    return (_backend.cdiv(n, block),), block
+
+
+def _bits(t):
+    """bf16 outputs under the interpreter are stored as rounded int16 bit patterns (its own cast truncates)."""
+    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
+
+
+@torch.library.custom_op("qlora_kernels::swiglu_forward", mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up contiguous, one shape and dtype -> silu(gate) * up."""
+    y = torch.empty_like(gate)
+    if y.numel():
+        grid, block = _grid_block(y.numel())
+        kernels.swiglu_forward_kernel[grid](gate, up, _bits(y), y.numel(), BF16=y.dtype == torch.bfloat16,
+                                            BF16_BITS=_bits(y) is not y, BLOCK=block, num_warps=kernels.NUM_WARPS)
+    return y
+
+
+@swiglu_forward.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, need_gate: bool,
+                    need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up), each an empty tensor where not needed; all contiguous, one shape."""
+    n = gate.numel()
+    dg = torch.empty_like(gate) if need_gate else gate.new_empty(0)
+    du = torch.empty_like(up) if need_up else up.new_empty(0)
+    if n and (need_gate or need_up):
+        grid, block = _grid_block(n)
+        bf16 = gate.dtype == torch.bfloat16
+        kernels.swiglu_backward_kernel[grid](gate, up, dy, _bits(dg), _bits(du), n, BF16=bf16,
+                                             BF16_BITS=bf16 and _backend.interpreting(), NEED_DG=need_gate,
+                                             NEED_DU=need_up, BLOCK=block, num_warps=kernels.NUM_WARPS)
+    return dg, du
+
+
+@swiglu_backward.register_fake
+def _(gate, up, dy, need_gate, need_up):
+    return (torch.empty_like(gate) if need_gate else gate.new_empty(0),
+            torch.empty_like(up) if need_up else up.new_empty(0))
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return torch.ops.qlora_kernels.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("qlora_kernels swiglu: double backward (create_graph=True) is not supported")
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        dg, du = torch.ops.qlora_kernels.swiglu_backward(gate, up, dy.contiguous(), need_gate, need_up)
+        return (dg if need_gate else None), (du if need_up else None)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` in one kernel each way, as transformers' LlamaMLP computes it (silu in fp32 rounded to
+    the dtype, then the product): gate, up (..., I) of one shape and dtype (fp32/bf16/fp16) -> (..., I).
+    Gradients for each input that requires one; saves gate and up (eager also keeps silu(gate))."""
+    _check(gate, up)
+    if not runs_triton(gate):
+        return ref.swiglu(gate, up)
+    return _SwiGLU.apply(gate, up)
