@@ -260,6 +260,11 @@ def test_fallbacks_to_peft(checkpoint):
     unpatch_model(model)
 
 
+def _original_norm_math(x, eps):
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def test_rms_norm_patch(checkpoint):
     """The RMSNorm modules run rms_norm (where Triton runs) with the module's result; rms_norm=False and
     unpatch_model leave or bring back the module's own forward, bit for bit; an offload-hooked norm is skipped."""
@@ -277,6 +282,10 @@ def test_rms_norm_patch(checkpoint):
     assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3, msg="patched norm")   # bf16 rounding apart
     got.sum().backward()
     assert x.grad is not None and bool(x.grad.isfinite().all())
+    weight = norm.weight
+    norm.weight = torch.nn.Parameter(weight.detach().double())    # a dtype the kernel does not take: HF's forward
+    assert torch.equal(norm(x), norm.weight * _original_norm_math(x, norm.variance_epsilon))
+    norm.weight = weight
     unpatch_model(model)
     assert no_patch_left(model) and torch.equal(norm(x), want)
     norm._hf_hook = object()                     # accelerate's offload hook: its weights may live elsewhere

@@ -59,6 +59,29 @@ def test_rows_wider_than_the_kernel_take_the_torch_math(monkeypatch):
     assert not ops.runs_triton(x) and torch.equal(rms_norm(x, w), ref.rms_norm(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_output_takes_in_place_updates(needs):
+    """`h = norm(x); h += residual` as with HF's module (a view made inside the Function refused it)."""
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=needs[0])
+    w = torch.rand(16, device=DEVICE, requires_grad=needs[1])
+    h = rms_norm(x, w)
+    h += 1.0
+    h.sum().backward()
+    want_x, want_w = x.detach().clone().requires_grad_(needs[0]), w.detach().clone().requires_grad_(needs[1])
+    (ref.rms_norm(want_x, want_w, 1e-6) + 1.0).sum().backward()
+    for got, want in ((x, want_x), (w, want_w)):
+        assert (got.grad is None) == (want.grad is None)
+        assert got.grad is None or max_error(got.grad, want.grad) < 1e-5
+
+
+def test_empty_rows_and_numpy_eps():
+    import numpy as np
+    x, w = torch.randn(4, 0, device=DEVICE), torch.ones(0, device=DEVICE)
+    assert rms_norm(x, w).shape == (4, 0)                                   # H = 0: the torch math, as HF
+    x, w = torch.randn(4, 8, device=DEVICE), torch.rand(8, device=DEVICE)
+    assert max_error(rms_norm(x, w, np.float32(1e-5)), ref.rms_norm(x, w, 1e-5)) < 1e-6
+
+
 def test_frozen_weight_and_large_values():
     """A frozen weight (QLoRA's norms) gets no gradient and costs no partial sums; |x| ~ 1e4 stays finite."""
     x = (torch.randn(4, 256) * 1e4).to(DEVICE).requires_grad_()

@@ -190,7 +190,8 @@ def _norm_forward(self, hidden_states, *args, **kwargs):
     if (_STATE not in self.__dict__ or args or kwargs or not isinstance(hidden_states, torch.Tensor)
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16)
             or hidden_states.dim() == 0 or not runs_triton(hidden_states) or _norm_plan(self) is not None
-            or self.weight.device != hidden_states.device or self.weight.shape[0] != hidden_states.shape[-1]):
+            or self.weight.device != hidden_states.device or self.weight.shape[0] != hidden_states.shape[-1]
+            or self.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
         return _original(self)(hidden_states, *args, **kwargs)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 

@@ -6,6 +6,7 @@ kernels.MAX_BLOCK_H, run the plain-PyTorch reference, which is HF's own math (no
 """
 import functools
 import math
+import numbers
 
 import torch
 
@@ -29,14 +30,14 @@ def _check(x, weight, eps):
         raise ValueError(f"rms_norm: weight must be (H,) with H = x.shape[-1], got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
     _backend.check_same_device(x=x, weight=weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
 
 
 def runs_triton(x):
     """Whether rms_norm runs its kernels on x (else the plain-PyTorch math)."""
     return (x.device.type == "cuda" or (_backend.interpreting() and x.device.type == "cpu")) \
-        and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
+        and 0 < x.shape[-1] and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,14 +112,14 @@ def _rows(t, H):
 
 
 class _RMSNorm(torch.autograd.Function):
+    """On (rows, H) tensors: the caller reshapes outside, so the output is no view made inside a Function (those
+    refuse in-place updates such as `h += residual`)."""
+
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        H = x.shape[-1]
-        x2d = _rows(x, H)
+    def forward(ctx, x2d, weight, eps):
         y, rstd = torch.ops.qlora_kernels.rms_norm_forward(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
-        ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -127,8 +128,7 @@ class _RMSNorm(torch.autograd.Function):
         x2d, weight, rstd = ctx.saved_tensors
         dx, dw = torch.ops.qlora_kernels.rms_norm_backward(x2d, weight, _rows(dy, x2d.shape[1]), rstd,
                                                            ctx.needs_input_grad[1])
-        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None,
-                dw if ctx.needs_input_grad[1] else None, None)
+        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -142,4 +142,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     _check(x, weight, eps)
     if not runs_triton(x):
         return ref.rms_norm(x, weight, eps)
-    return _RMSNorm.apply(x, weight, float(eps))
+    return _RMSNorm.apply(_rows(x, x.shape[-1]), weight, float(eps)).view(x.shape)
