@@ -260,6 +260,30 @@ def test_fallbacks_to_peft(checkpoint):
     unpatch_model(model)
 
 
+def test_patched_model_pickles_and_keeps_signatures(checkpoint, tmp_path):
+    """torch.save / torch.load of a whole patched model (the instance forwards were bound methods, which pickle
+    looks up by name on the module: the file saved but did not load); the forwards keep the signatures that
+    Trainer and generate inspect; the loaded copy is patched and unpatches."""
+    import inspect
+
+    model = load(checkpoint)
+    report = patch_model(model)
+    lm = model.get_base_model()
+    assert list(inspect.signature(lm.forward).parameters) == \
+        list(inspect.signature(type(lm).forward).parameters)[1:]        # the class's, without self
+    assert "input_ids" in inspect.signature(lm.forward).parameters
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels).loss
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loaded_lm = loaded.get_base_model()
+    assert loaded_lm.forward.module is loaded_lm                         # bound to the copy, not the original
+    assert_close(loaded(input_ids=ids, labels=labels).loss, want, atol=1e-6, rtol=1e-6, msg="loaded")
+    total = len(report.patched) + len(report.norms_patched) + len(report.mlps_patched) + 1
+    assert unpatch_model(loaded) == total and no_patch_left(loaded)
+    unpatch_model(model)
+
+
 def _original_norm_math(x, eps):
     h = x.float()
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

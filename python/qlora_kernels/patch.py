@@ -15,7 +15,6 @@ and HF's own loss_function) and otherwise calls the forward it replaced, so `dis
 transformers' behaviour. `unpatch_model(model)` deletes the instance attributes and restores what was there.
 """
 import dataclasses
-import functools
 import inspect
 import types
 
@@ -71,15 +70,33 @@ def _original(module):
     return prev if prev is not None else types.MethodType(type(module).forward, module)
 
 
+class _PatchedForward:
+    """A patched module's instance `forward`: fn(module, ...). Not a bound method, which pickle saves as
+    getattr(module, fn's name): a torch.save'd patched model then failed to load. This pickles fn by its
+    module-level name. Its signature is fn's (or, with class_signature, the module class's forward, which
+    Trainer and generate inspect) without `self`."""
+
+    def __init__(self, fn, module, class_signature=False):
+        self.fn, self.module, self.class_signature = fn, module, class_signature
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self):
+        fn = type(self.module).forward if self.class_signature else self.fn
+        return inspect.signature(types.MethodType(fn, self.module))
+
+
 def _is_ours(fn):
-    return isinstance(fn, types.MethodType) and getattr(fn.__func__, "_qlora_kernels_patch", False)
+    return isinstance(fn, _PatchedForward)
 
 
-def _install(module, fn):
+def _install(module, fn, class_signature=False):
     if _STATE in module.__dict__:          # already patched: keep the first original
         return
     module.__dict__[_STATE] = {"prev": _prev_forward(module)}
-    module.forward = types.MethodType(fn, module)
+    module.forward = _PatchedForward(fn, module, class_signature)
 
 
 # ----------------------------------------------------------------------------------------- LoRA layers
@@ -168,8 +185,6 @@ def _lora_forward(self, x, *args, **kwargs):
     return y.to(x.dtype)
 
 
-_lora_forward._qlora_kernels_patch = True
-
 
 # ----------------------------------------------------------------------------------------- RMSNorm
 def _norm_plan(module):
@@ -195,8 +210,6 @@ def _norm_forward(self, hidden_states, *args, **kwargs):
         return _original(self)(hidden_states, *args, **kwargs)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
-
-_norm_forward._qlora_kernels_patch = True
 
 
 # ----------------------------------------------------------------------------------------- SwiGLU MLP
@@ -226,8 +239,6 @@ def _mlp_forward(self, x, *args, **kwargs):
         return self.down_proj(self.act_fn(gate) * up)
     return self.down_proj(swiglu(gate, up))
 
-
-_mlp_forward._qlora_kernels_patch = True
 
 
 # ----------------------------------------------------------------------------------------- causal-LM loss
@@ -312,16 +323,6 @@ def _lm_loss_forward(self, *args, **kwargs):
     return out if return_dict else out.to_tuple()
 
 
-@functools.lru_cache(maxsize=None)
-def _lm_forward_for(cls):
-    """_lm_loss_forward carrying `cls.forward`'s signature (Trainer and generate inspect it)."""
-    @functools.wraps(cls.forward)
-    def forward(self, *args, **kwargs):
-        return _lm_loss_forward(self, *args, **kwargs)
-    forward._qlora_kernels_patch = True
-    return forward
-
-
 # ----------------------------------------------------------------------------------------- API
 def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True,
                 rms_norm: bool = True, swiglu: bool = True) -> PatchReport:
@@ -382,7 +383,7 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
     if cross_entropy:
         reason = _loss_plan(lm)
         if reason is None:
-            _install(lm, _lm_forward_for(type(lm)))
+            _install(lm, _lm_loss_forward, class_signature=True)
             report.loss_patched = True
         else:
             report.loss_reason = reason
