@@ -31,29 +31,19 @@ def main():
     # (tokens, hidden): Llama-3.2-1B and -3B at 4096 and 32768 tokens (../shared/notes/workload.md), 8B at 4096
     shapes = [(512, 2048)] if args.quick or device == "cpu" else \
         [(4096, 2048), (32768, 2048), (4096, 3072), (32768, 3072), (4096, 4096)]
-    bandwidth = harness.copy_bandwidth_gbs()
     rows = harness.Rows("rms_norm", args)
     for tokens, hidden in shapes:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.rand(hidden, device=device, dtype=torch.bfloat16) + 0.5
         dy = torch.randn_like(x)
-        base = None
-        for name, fn in providers(device).items():
+
+        def step_for(fn):
             def step():
-                y = fn(x, w, EPS)
-                y.backward(dy)
+                fn(x, w, EPS).backward(dy)
                 x.grad = None
-            try:
-                ms = harness.time_ms(step, reps=20 if device == "cuda" else 3, device=device)
-                peak = harness.peak_memory_mb(step, device=device)
-                error = ""
-            except Exception as err:  # noqa: BLE001 - one provider's failure is a row, not the suite's end
-                ms, peak, error = None, None, f"{type(err).__name__}: {err}"[:120]
-            base = ms if name == "hf eager" else base
-            gbs = 10 * x.numel() / ms / 1e6 if ms else None
-            rows.append({"tokens x hidden": f"{tokens}x{hidden}", "provider": name, "ms": ms, "GB/s": gbs,
-                         "% of copy": 100 * gbs / bandwidth if gbs and bandwidth else None,
-                         "x eager": base / ms if base and ms else None, "peak MB": peak, "error": error})
+            return step
+        harness.memory_bound_rows(rows, {"tokens x hidden": f"{tokens}x{hidden}"}, providers(device), step_for,
+                                  10 * x.numel(), device, reps=20 if device == "cuda" else 3)
     harness.write_results("rms_norm", rows, args, notes="forward + backward, bf16 x and weight, weight frozen")
 
 

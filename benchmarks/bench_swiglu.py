@@ -28,28 +28,19 @@ def main():
     device = harness.device()
     # (tokens, intermediate): Llama-3.2-1B (8192) and -3B (8192) at 4096 and 32768 tokens, 8B (14336) at 4096
     shapes = [(256, 2048)] if args.quick or device == "cpu" else [(4096, 8192), (32768, 8192), (4096, 14336)]
-    bandwidth = harness.copy_bandwidth_gbs()
     rows = harness.Rows("swiglu", args)
     for tokens, inter in shapes:
         gate = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
         up = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16)
-        base = None
-        for name, fn in providers(device).items():
+
+        def step_for(fn):
             def step():
                 fn(gate, up).backward(dy)
                 gate.grad = up.grad = None
-            try:
-                ms = harness.time_ms(step, reps=20 if device == "cuda" else 3, device=device)
-                peak = harness.peak_memory_mb(step, device=device)
-                error = ""
-            except Exception as err:  # noqa: BLE001 - one provider's failure is a row, not the suite's end
-                ms, peak, error = None, None, f"{type(err).__name__}: {err}"[:120]
-            base = ms if name == "hf eager" else base
-            gbs = 16 * gate.numel() / ms / 1e6 if ms else None
-            rows.append({"tokens x intermediate": f"{tokens}x{inter}", "provider": name, "ms": ms, "GB/s": gbs,
-                         "% of copy": 100 * gbs / bandwidth if gbs and bandwidth else None,
-                         "x eager": base / ms if base and ms else None, "peak MB": peak, "error": error})
+            return step
+        harness.memory_bound_rows(rows, {"tokens x intermediate": f"{tokens}x{inter}"}, providers(device), step_for,
+                                  16 * gate.numel(), device, reps=20 if device == "cuda" else 3)
     harness.write_results("swiglu", rows, args, notes="forward + backward, bf16 gate and up")
 
 

@@ -84,6 +84,26 @@ def peak_memory_mb(fn, reset=None, device: str | None = None) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def memory_bound_rows(rows, case: dict, providers: dict, step_for, nbytes: int, device: str, reps: int):
+    """Append one row per provider for a memory-bound op: `step_for(fn)` is a callable running provider fn's
+    forward + backward, `nbytes` the minimum bytes it must move. Columns: ms, GB/s, % of copy bandwidth,
+    x eager (against the provider named "hf eager", listed first), peak MB, and the error of a provider that
+    failed (a row, not the end of the suite)."""
+    bandwidth, base = copy_bandwidth_gbs(), None
+    for name, fn in providers.items():
+        step = step_for(fn)
+        try:
+            ms, error = time_ms(step, reps=reps, device=device), ""
+            peak = peak_memory_mb(step, device=device)
+        except Exception as err:  # noqa: BLE001
+            ms, peak, error = None, None, f"{type(err).__name__}: {err}"[:120]
+        base = ms if name == "hf eager" else base
+        gbs = nbytes / ms / 1e6 if ms else None
+        rows.append({**case, "provider": name, "ms": ms, "GB/s": gbs,
+                     "% of copy": 100 * gbs / bandwidth if gbs and bandwidth else None,
+                     "x eager": base / ms if base and ms else None, "peak MB": peak, "error": error})
+
+
 def card() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()

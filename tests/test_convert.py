@@ -292,3 +292,37 @@ def test_patch_model_gives_a_converted_model_the_fused_loss(monkeypatch):
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     qk.unpatch_model(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_patched_forward_under_accelerate_wrappers():
+    """accelerate wraps a prepared model's forward by its __func__ (mixed precision) and unwraps it to a method
+    again; regional compilation re-binds it on a copy. A patched converted model keeps working through each, and
+    patch -> wrap -> unpatch -> patch falls back without recursing into itself."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)   # a Trainer earlier in the process set its own
+    model = converted(lora_dropout=0.0)
+    model.train()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss
+    qk.patch_model(model)
+    prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    assert torch.isfinite(prepared(input_ids=ids, labels=ids).loss)
+    unwrapped = accelerate.Accelerator(cpu=True).unwrap_model(prepared, keep_fp32_wrapper=False)
+    assert torch.allclose(unwrapped(input_ids=ids, labels=ids).loss, want, atol=1e-4)   # was: input_ids twice
+    qk.unpatch_model(prepared)
+    qk.patch_model(prepared)            # the accelerate wrapper around the old patch is what the new one replaces
+    assert prepared(input_ids=ids).logits.shape == (2, 8, 512)          # fallback: was a RecursionError
+    qk.unpatch_model(prepared)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_patched_model_compiles_fullgraph():
+    model = converted(lora_dropout=0.0)
+    model.train()
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss
+    qk.patch_model(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)   # the loss forward built a bound method
+    assert torch.allclose(compiled(input_ids=ids, labels=ids).loss, want, atol=1e-4)
+    qk.unpatch_model(model)

@@ -340,6 +340,11 @@ def test_swiglu_patch(checkpoint):
     assert len(report.mlps_patched) == 1 and "GELU" in report.skipped["base_model.model.model.layers.0.mlp"]
     unpatch_model(model)
     mlp.act_fn = act
+    mlp._hf_hook = object()             # accelerate's dispatch hook replaces the MLP's forward: never bypassed
+    report = patch_model(model, lora_linear=False, cross_entropy=False, rms_norm=False)
+    assert "accelerate hook" in report.skipped["base_model.model.model.layers.0.mlp"]
+    unpatch_model(model)
+    del mlp._hf_hook
 
 
 def _head_adapter_and_doubled_loss(model, ids, labels):

@@ -76,6 +76,12 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=None)   # a device query, once per device: launchers ask per call
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent grids size themselves by it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def cuda_stream(device) -> int:
     """The current stream of a CUDA device as the handle the extension's launchers take."""
     return torch.cuda.current_stream(device).cuda_stream

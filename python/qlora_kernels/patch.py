@@ -15,6 +15,7 @@ and HF's own loss_function) and otherwise calls the forward it replaced, so `dis
 transformers' behaviour. `unpatch_model(model)` deletes the instance attributes and restores what was there.
 """
 import dataclasses
+import functools
 import inspect
 import types
 
@@ -72,31 +73,63 @@ def _original(module):
 
 class _PatchedForward:
     """A patched module's instance `forward`: fn(module, ...). Not a bound method, which pickle saves as
-    getattr(module, fn's name): a torch.save'd patched model then failed to load. This pickles fn by its
-    module-level name. Its signature is fn's (or, with class_signature, the module class's forward, which
-    Trainer and generate inspect) without `self`."""
+    getattr(module, fn's name): a torch.save'd patched model failed to load; this pickles fn by its module-level
+    name. It still answers as a bound method does (`__func__`, `__self__`: accelerate re-binds and unwraps
+    instance forwards by them) with the signature Trainer and generate inspect (the class forward's for the LM).
+    Once unpatched (its state gone or replaced) it behaves as the forward it replaced: a wrapper kept around it
+    and patched again must not call back into the new patch (that recursed)."""
 
-    def __init__(self, fn, module, class_signature=False):
-        self.fn, self.module, self.class_signature = fn, module, class_signature
+    def __init__(self, fn, module, state, class_signature=False):
+        self.fn, self.module, self.state, self.class_signature = fn, module, state, class_signature
 
     def __call__(self, *args, **kwargs):
-        return self.fn(self.module, *args, **kwargs)
+        return _run_patched(self.fn, self.state, self.module, args, kwargs)
+
+    @property
+    def __func__(self):
+        """A function of (module, ...) tied to this patch's state, which accelerate re-binds as a method: it too
+        turns into the replaced forward once unpatched."""
+        fn, state = self.fn, self.state
+
+        @functools.wraps(type(self.module).forward if self.class_signature else fn)
+        def forward(module, *args, **kwargs):
+            return _run_patched(fn, state, module, args, kwargs)
+        forward._qlora_kernels_patch = True
+        return forward
+
+    @property
+    def __self__(self):
+        return self.module
 
     @property
     def __signature__(self):
-        fn = type(self.module).forward if self.class_signature else self.fn
-        return inspect.signature(types.MethodType(fn, self.module))
+        return inspect.signature(types.MethodType(self.__func__, self.module))
+
+
+def _run_patched(fn, state, module, args, kwargs):
+    if module.__dict__.get(_STATE) is not state:      # unpatched (or patched anew) since
+        prev = state["prev"]
+        return (prev or types.MethodType(type(module).forward, module))(*args, **kwargs)
+    return fn(module, *args, **kwargs)
 
 
 def _is_ours(fn):
-    return isinstance(fn, _PatchedForward)
+    """Our forward, also after accelerate re-bound its __func__ as a method."""
+    return getattr(getattr(fn, "__func__", None), "_qlora_kernels_patch", False)
 
 
 def _install(module, fn, class_signature=False):
     if _STATE in module.__dict__:          # already patched: keep the first original
         return
-    module.__dict__[_STATE] = {"prev": _prev_forward(module)}
-    module.forward = _PatchedForward(fn, module, class_signature)
+    state = module.__dict__[_STATE] = {"prev": _prev_forward(module)}
+    module.forward = _PatchedForward(fn, module, state, class_signature)
+
+
+def _dispatch_hook(module):
+    """accelerate's hook on the module itself (device_map dispatch, offload) replaces its forward to move
+    tensors; a patch would bypass it: the reason to leave the module, else ''."""
+    return "an accelerate hook on it (device_map dispatch or offload)" \
+        if getattr(module, "_hf_hook", None) is not None else ""
 
 
 # ----------------------------------------------------------------------------------------- LoRA layers
@@ -126,6 +159,8 @@ def _lora_plan(layer, bnb_linear4bit):
         return None, f"quant_type {qs.quant_type!r} (only 'nf4' is served)"
     if getattr(qs, "packing_format_for_cpu", False):
         return None, "weight repacked by bitsandbytes for CPU inference"
+    if _dispatch_hook(layer):
+        return None, _dispatch_hook(layer)
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         return None, f"{len(active)} active adapters (exactly one is served)"
@@ -185,6 +220,9 @@ def _lora_forward(self, x, *args, **kwargs):
     return y.to(x.dtype)
 
 
+_lora_forward._qlora_kernels_patch = True
+
+
 
 # ----------------------------------------------------------------------------------------- RMSNorm
 def _norm_plan(module):
@@ -211,13 +249,18 @@ def _norm_forward(self, hidden_states, *args, **kwargs):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+_norm_forward._qlora_kernels_patch = True
+
+
 
 # ----------------------------------------------------------------------------------------- SwiGLU MLP
 def _mlp_plan(module):
     """None when an HF MLP computes down(silu(gate(x)) * up(x)) and `swiglu` can serve it, else the reason."""
     act = getattr(module, "act_fn", None)
     if type(act).__name__ not in SILU_CLASSES or getattr(act, "inplace", False):
-        return f"activation {type(act).__name__}, not SiLU"
+        return f"activation {act!r}, not an out-of-place SiLU"
+    if _dispatch_hook(module):
+        return _dispatch_hook(module)
     if not all(isinstance(getattr(module, p, None), torch.nn.Module) for p in ("gate_proj", "up_proj", "down_proj")):
         return "no gate_proj / up_proj / down_proj"
     if _hooked(module.act_fn):
@@ -240,6 +283,9 @@ def _mlp_forward(self, x, *args, **kwargs):
     return self.down_proj(swiglu(gate, up))
 
 
+_mlp_forward._qlora_kernels_patch = True
+
+
 
 # ----------------------------------------------------------------------------------------- causal-LM loss
 def _find_causal_lm(model):
@@ -252,6 +298,8 @@ def _loss_plan(lm):
     cls = type(lm).__name__
     if cls not in LOSS_MODEL_CLASSES:
         return f"{cls} is not a supported causal LM ({', '.join(LOSS_MODEL_CLASSES)})"
+    if _dispatch_hook(lm):
+        return _dispatch_hook(lm)
     head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"lm_head is {type(head).__name__}, not a plain nn.Linear"
@@ -271,7 +319,9 @@ def _lm_loss_forward(self, *args, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from qlora_kernels.ops.cross_entropy import LabelledCountHint, count_hint, fused_linear_cross_entropy
 
-    orig = _original(self)
+    def orig(*a, **k):   # looked up only when needed: the fast path builds no bound method (torch.compile)
+        return _original(self)(*a, **k)
+
     state = self.__dict__.get(_STATE)
     if state is None or "fused_lm_head" in kwargs or not torch.is_grad_enabled() or _loss_plan(self) is not None:
         # unpatched, TRL's own fused head asked for, evaluation (Trainer.predict / compute_metrics read the
@@ -279,7 +329,7 @@ def _lm_loss_forward(self, *args, **kwargs):
         return orig(*args, **kwargs)
     sig = state.get("sig")
     if sig is None:
-        sig = state["sig"] = inspect.signature(orig)
+        sig = state["sig"] = inspect.signature(_original(self))
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError:
@@ -323,6 +373,9 @@ def _lm_loss_forward(self, *args, **kwargs):
     return out if return_dict else out.to_tuple()
 
 
+_lm_loss_forward._qlora_kernels_patch = True
+
+
 # ----------------------------------------------------------------------------------------- API
 def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy: bool = True,
                 rms_norm: bool = True, swiglu: bool = True) -> PatchReport:
@@ -362,28 +415,22 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
                 continue
             _install(module, _lora_forward)
             report.patched.append(name)
-    if rms_norm:
-        for name, module in root.named_modules():
-            if type(module).__name__ in NORM_CLASSES:
-                reason = _norm_plan(module)
+    for wanted, classes, plan, forward, patched in ((rms_norm, NORM_CLASSES, _norm_plan, _norm_forward,
+                                                     report.norms_patched),
+                                                    (swiglu, MLP_CLASSES, _mlp_plan, _mlp_forward, report.mlps_patched)):
+        for name, module in root.named_modules() if wanted else ():
+            if type(module).__name__ in classes:
+                reason = plan(module)
                 if reason is None:
-                    _install(module, _norm_forward)
-                    report.norms_patched.append(name)
-                else:
-                    report.skipped[name] = reason
-    if swiglu:
-        for name, module in root.named_modules():
-            if type(module).__name__ in MLP_CLASSES:
-                reason = _mlp_plan(module)
-                if reason is None:
-                    _install(module, _mlp_forward)
-                    report.mlps_patched.append(name)
+                    _install(module, forward)
+                    patched.append(name)
                 else:
                     report.skipped[name] = reason
     if cross_entropy:
         reason = _loss_plan(lm)
         if reason is None:
             _install(lm, _lm_loss_forward, class_signature=True)
+            lm.__dict__[_STATE].setdefault("sig", inspect.signature(_original(lm)))   # read per call
             report.loss_patched = True
         else:
             report.loss_reason = reason

@@ -199,11 +199,6 @@ def _scale_(x, g, backend):
 MM_PROGRAMS_PER_SM = {"fwd": 1, "acc": 1, "dgrad": 2}   # resident programs per SM at each config's shared memory
 
 
-@functools.lru_cache(maxsize=None)   # device queries, once per device: the chunk loop launches ~3 GEMMs a chunk
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @functools.lru_cache(maxsize=None)
 def _capability_major(device):
     return torch.cuda.get_device_capability(device)[0]
@@ -234,7 +229,7 @@ def _bounded_mm(a, b, c, limit, limit_offset, *, limit_m=False, limit_k=False, b
     cfg = dict(_mm_config(a.device, kind))
     tiles = _backend.cdiv(M, cfg["BM"]) * _backend.cdiv(N, cfg["BN"])
     persistent = not _backend.interpreting() and os.environ.get("QLORA_KERNELS_MM_PERSISTENT", "1") == "1"
-    grid = (min(tiles, _num_sms(a.device) * MM_PROGRAMS_PER_SM[kind]) if persistent else tiles,)
+    grid = (min(tiles, _backend.num_sms(a.device) * MM_PROGRAMS_PER_SM[kind]) if persistent else tiles,)
     kernels.bounded_matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, limit, limit_offset, rows if rows is not None else limit, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), LIMIT_M=limit_m,
@@ -650,7 +645,7 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
     cfg2 = kernels.MM_INTERPRET_CONFIG
     if not interp:   # 64-row tiles with softcap (128 spill) and where 128-row tiles leave SMs idle (few rows)
         cfg2 = kernels.ONLINE_GRAD_CONFIGS[_mm_arch(dev)]
-        if softcap or _backend.cdiv(R, cfg2["BM"]) * _backend.cdiv(H, cfg2["BN"]) < _num_sms(dev):
+        if softcap or _backend.cdiv(R, cfg2["BM"]) * _backend.cdiv(H, cfg2["BN"]) < _backend.num_sms(dev):
             cfg2 = kernels.ONLINE_GRAD_NARROW_CONFIGS[_mm_arch(dev)]
     cfg2 = dict(cfg2)
     n_tiles_max = _backend.cdiv(NS, cfg1["BN"])
@@ -664,7 +659,7 @@ def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h,
     lowp = h.dtype != torch.float32
     flags = dict(HAS_SOFTCAP=softcap is not None, UPCAST=interp, IEEE=not lowp)
     sc = _softcap_value(softcap)
-    programs = (lambda tiles: tiles) if interp else (lambda tiles: min(tiles, _num_sms(dev)))
+    programs = (lambda tiles: tiles) if interp else (lambda tiles: min(tiles, _backend.num_sms(dev)))
     slices = range(0, V, NS)
     for s in range(0, N, R):
         if counted.past(s):

@@ -4,7 +4,6 @@ autograd Function and the functional entry point `rms_norm`.
 Backends: Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); other tensors, and rows wider than
 kernels.MAX_BLOCK_H, run the plain-PyTorch reference, which is HF's own math (nothing to gain on the CPU).
 """
-import functools
 import math
 import numbers
 
@@ -40,13 +39,8 @@ def runs_triton(x):
         and 0 < x.shape[-1] and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _programs(x2d):
-    cap = INTERPRET_PROGRAMS if _backend.interpreting() else PROGRAMS_PER_SM * _num_sms(x2d.device)
+    cap = INTERPRET_PROGRAMS if _backend.interpreting() else PROGRAMS_PER_SM * _backend.num_sms(x2d.device)
     return max(1, min(x2d.shape[0], cap))
 
 
