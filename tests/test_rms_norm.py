@@ -7,7 +7,7 @@ from qlora_kernels import _backend
 from qlora_kernels.ops import rms_norm as ops
 from qlora_kernels.ops.rms_norm import rms_norm
 from qlora_kernels.reference import rms_norm as ref
-from qlora_kernels.testing import CompileCase, assert_no_spills, compile_for_gpu, max_error
+from qlora_kernels.testing import CompileCase, assert_no_spills, check_cuda_graph, compile_for_gpu, max_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = DEVICE == "cuda" or _backend.interpreting()
@@ -160,3 +160,18 @@ def test_gpu_compile_rms_norm_kernels():
     for report in compile_for_gpu(cases):
         print(report)
         assert_no_spills(report)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_without_host_sync():
+    """Forward and backward captured in a CUDA graph (a host sync while capturing raises) and replayed on new x."""
+    x = torch.randn(300, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.rand(3072, device="cuda") + 0.5).requires_grad_()
+
+    def step():
+        x.grad = w.grad = None
+        y = rms_norm(x, w, 1e-5)
+        y.float().square().sum().backward()
+        return y, x.grad, w.grad
+
+    check_cuda_graph(step, [x], [torch.randn_like(x)], atol=1e-6, rtol=1e-5)
