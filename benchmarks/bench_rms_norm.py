@@ -19,7 +19,8 @@ def providers(device):
         table["torch.compile(hf)"] = torch.compile(ref.rms_norm, dynamic=False)
         try:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-            table["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)   # dx allocated, as ours
+            # in_place=False: dx allocated, as ours
+            table["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
         except ImportError:
             pass
     return table

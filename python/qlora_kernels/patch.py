@@ -415,9 +415,9 @@ def patch_model(model: torch.nn.Module, lora_linear: bool = True, cross_entropy:
                 continue
             _install(module, _lora_forward)
             report.patched.append(name)
-    for wanted, classes, plan, forward, patched in ((rms_norm, NORM_CLASSES, _norm_plan, _norm_forward,
-                                                     report.norms_patched),
-                                                    (swiglu, MLP_CLASSES, _mlp_plan, _mlp_forward, report.mlps_patched)):
+    kinds = ((rms_norm, NORM_CLASSES, _norm_plan, _norm_forward, report.norms_patched),
+             (swiglu, MLP_CLASSES, _mlp_plan, _mlp_forward, report.mlps_patched))
+    for wanted, classes, plan, forward, patched in kinds:
         for name, module in root.named_modules() if wanted else ():
             if type(module).__name__ in classes:
                 reason = plan(module)
