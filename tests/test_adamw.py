@@ -500,6 +500,40 @@ def test_gapped_or_mislaid_tensors_are_refused():
     assert not opt.state[p]                                        # nothing loaded
 
 
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_grad_relaid_after_the_plan_is_cached(device, backend):
+    """The cached step plan was keyed on addresses only: a grad re-strided over the same storage passed unchecked
+    (Triton: a wrong update; C++: one group updated before the refusal). Now it raises and changes nothing."""
+    a = torch.nn.Parameter(torch.randn(3, 3, device=device))
+    b = torch.nn.Parameter(torch.randn(3, 3, device=device))
+    opt = FusedAdamW([dict(params=[a]), dict(params=[b])], lr=1e-2, backend=backend)
+    for _ in range(3):                                          # the plan is built, then reused
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        opt.step()
+    before = [t.clone() for t in (a.detach(), b.detach(), opt.state[a]["step"], opt.state[a]["exp_avg"])]
+    b.grad = b.grad.t()                                         # same storage, other layout
+    with pytest.raises(ValueError, match="laid out like its param"):
+        opt.step()
+    after = (a.detach(), b.detach(), opt.state[a]["step"], opt.state[a]["exp_avg"])
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_refusals_create_and_load_nothing():
+    backend = None if _backend.interpreting() else "cpu"
+    good, bad = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4, 3).t())
+    good.grad, bad.grad = torch.ones(3, 4), torch.ones(3, 4)    # bad: a contiguous grad for a transposed param
+    opt = FusedAdamW([good, bad], lr=1e-2, backend=backend)
+    with pytest.raises(ValueError, match="laid out like its param"):
+        opt.step()
+    assert not opt.state                                        # no state made for the param checked first
+    saved = {"state": {0: {"step": torch.tensor([5.0, 6.0]), "exp_avg": torch.zeros(3, 4),
+                           "exp_avg_sq": torch.zeros(3, 4)}},
+             "param_groups": [dict(opt.state_dict()["param_groups"][0], lr=123.0)]}
+    with pytest.raises(ValueError, match="'step' must be one number"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2 and not opt.state
+
+
 def test_grad_of_another_dtype_is_refused():
     """torch lets a grad have its own dtype (Tensor.grad_dtype); the kernels read it as the param's."""
     p = torch.zeros(3, requires_grad=True)

@@ -134,7 +134,12 @@ class FusedAdamW(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         moments = {p: {key: value for key, value in state_dict["state"].get(i, {}).items() if key in _MOMENTS}
                    for i, p in zip(saved_ids, params)}
-        for p, saved in moments.items():   # before anything loads: a refused dict changes nothing
+        for i, p in zip(saved_ids, params):   # before anything loads: a refused dict changes nothing
+            step = state_dict["state"].get(i, {}).get("step")
+            if step is not None and torch.as_tensor(step).numel() != 1:
+                raise ValueError(f"FusedAdamW.load_state_dict: 'step' must be one number, got shape "
+                                 f"{tuple(torch.as_tensor(step).shape)} for a param of shape {tuple(p.shape)}")
+        for p, saved in moments.items():
             for key, value in saved.items():
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"FusedAdamW.load_state_dict: {key!r} of shape {tuple(value.shape)} for a "
@@ -258,13 +263,14 @@ class FusedAdamW(torch.optim.Optimizer):
         return (self._seed + self._host_steps * 7919 + unit * 104729) % (2**31 - 1)
 
     def _plans(self):
-        """Per-device plans, rebuilt when a param or grad address changes (or a grad appears or vanishes), or
+        """Per-device plans, rebuilt when a param or grad address or grad layout changes (or a grad appears or
+        vanishes), or
         when a group dict or a state tensor is replaced (opt.state cleared, a moment reassigned, a group
         swapped): the plans hold the groups and state tensors themselves, so those ids cannot be reused."""
         state = self.state
         try:
             key = tuple((id(group), group["amsgrad"]) for group in self.param_groups) + tuple(
-                (p.data_ptr(), p.grad.data_ptr(), id(state.get(p)),
+                (p.data_ptr(), p.grad.data_ptr(), p.grad.stride(), id(state.get(p)),
                  *(id(state[p].get(k)) for k in ("step",) + _MOMENTS if p in state))
                 if p.grad is not None else None
                 for group in self.param_groups for p in group["params"])
@@ -276,6 +282,10 @@ class FusedAdamW(torch.optim.Optimizer):
         return self._plan
 
     def _build_plans(self):
+        for group in self.param_groups:   # every check before any state is made: a refused step changes nothing
+            for p in group["params"]:
+                if p.grad is not None:
+                    _check_param(p, p.grad, self.state.get(p, {}))
         plans = {}
         for group in self.param_groups:
             per_device = {}
@@ -283,22 +293,6 @@ class FusedAdamW(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients, please consider SparseAdam "
-                                       "instead")
-                if p.dtype not in _DTYPES:
-                    raise TypeError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype}")
-                if g.dtype != p.dtype:   # torch allows it (Tensor.grad_dtype); the kernels read g as p's dtype
-                    raise TypeError(f"FusedAdamW needs each grad in its param's dtype, got a {g.dtype} grad for a "
-                                    f"{p.dtype} param of shape {tuple(p.shape)}")
-                # the kernels walk each tensor's storage flat: any dense layout (contiguous, channels_last,
-                # transposed) works when the grad and the moments share the param's strides
-                if not _dense(p):
-                    raise ValueError("FusedAdamW needs each param to cover its storage densely (no gaps or "
-                                     f"overlaps), got shape {tuple(p.shape)} with strides {p.stride()}")
-                if not _same_layout(g, p):
-                    raise ValueError(f"FusedAdamW needs each grad laid out like its param (strides {p.stride()}), "
-                                     f"got strides {g.stride()} for shape {tuple(p.shape)}")
                 state = self.state[p]
                 if len(state) == 0:   # zeros_like keeps a dense param's strides, as torch's AdamW does
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -306,13 +300,6 @@ class FusedAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 if group["amsgrad"] and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):   # the kernels read them as raw fp32
-                    t = state.get(key)
-                    if t is not None and not (t.dtype == torch.float32 and t.device == p.device
-                                              and t.shape == p.shape and _same_layout(t, p)):
-                        raise ValueError(f"FusedAdamW: state {key!r} must be a float32 tensor shaped, laid out and "
-                                         f"placed like its param, got {t.dtype} {tuple(t.shape)} strides "
-                                         f"{t.stride()} on {t.device}")
                 per_device.setdefault(p.device, []).append((p, g, state))
             for device, items in per_device.items():
                 if device not in plans:
@@ -342,6 +329,32 @@ class FusedAdamW(torch.optim.Optimizer):
             if plan.backend == "triton":
                 plan.prologue = ops.PrologueTable(plan.grads(), plan.steps, plan.device)
         return out
+
+
+def _check_param(p, g, state):
+    if g.is_sparse:
+        raise RuntimeError("FusedAdamW does not support sparse gradients, please consider SparseAdam instead")
+    if p.dtype not in _DTYPES:
+        raise TypeError(f"FusedAdamW supports float32, bfloat16 and float16 params, got {p.dtype}")
+    if g.dtype != p.dtype:   # torch allows it (Tensor.grad_dtype); the kernels read g as p's dtype
+        raise TypeError(f"FusedAdamW needs each grad in its param's dtype, got a {g.dtype} grad for a "
+                        f"{p.dtype} param of shape {tuple(p.shape)}")
+    # the kernels walk each tensor's storage flat: any dense layout (contiguous, channels_last, transposed)
+    # works when the grad and the moments share the param's strides
+    if not _dense(p):
+        raise ValueError("FusedAdamW needs each param to cover its storage densely (no gaps or overlaps), got "
+                         f"shape {tuple(p.shape)} with strides {p.stride()}")
+    if not _same_layout(g, p):
+        raise ValueError(f"FusedAdamW needs each grad laid out like its param (strides {p.stride()}), got strides "
+                         f"{g.stride()} for shape {tuple(p.shape)}")
+    for key in _MOMENTS:   # the kernels read them as raw fp32
+        t = state.get(key)
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device == p.device
+                                  and t.shape == p.shape and _same_layout(t, p)):
+            raise ValueError(f"FusedAdamW: state {key!r} must be a float32 tensor shaped, laid out and placed like "
+                             f"its param, got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))} "
+                             f"strides {t.stride() if isinstance(t, torch.Tensor) else None} on "
+                             f"{getattr(t, 'device', None)}")
 
 
 def _dense(t):
