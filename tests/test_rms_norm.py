@@ -160,6 +160,10 @@ def test_gpu_compile_rms_norm_kernels():
     for report in compile_for_gpu(cases):
         print(report)
         assert_no_spills(report)
+        # the persistent grid counts on it (kernels.resident_programs)
+        block_h = int(report["label"].split("BLOCK_H=")[1].split(",")[0])
+        bound = ops.kernels.register_bound(block_h, backward="backward" in report["label"])
+        assert report["registers"] <= bound, (report["registers"], bound, report["label"])
 
 
 @pytest.mark.cuda

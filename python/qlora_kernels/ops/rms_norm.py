@@ -14,7 +14,6 @@ from qlora_kernels.kernels import rms_norm as kernels
 from qlora_kernels.reference import rms_norm as ref
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PROGRAMS_PER_SM = 4        # persistent programs of 8-16 warps: 4 per SM keep ~4 rows (~24 KB at H = 3072) in flight
 INTERPRET_PROGRAMS = 2     # the interpreter's cost is per program: few, each looping over rows
 
 
@@ -39,8 +38,13 @@ def runs_triton(x):
         and 0 < x.shape[-1] and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
 
 
-def _programs(x2d):
-    cap = INTERPRET_PROGRAMS if _backend.interpreting() else PROGRAMS_PER_SM * _backend.num_sms(x2d.device)
+def _programs(x2d, backward):
+    """The persistent grid: as many programs as are resident at once (kernels.resident_programs per SM)."""
+    if _backend.interpreting():
+        cap = INTERPRET_PROGRAMS
+    else:
+        block_h = _launch_config(x2d.shape[1])["BLOCK_H"]
+        cap = kernels.resident_programs(block_h, backward) * _backend.num_sms(x2d.device)
     return max(1, min(x2d.shape[0], cap))
 
 
@@ -62,7 +66,7 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
     rstd = torch.empty(n, dtype=torch.float32, device=x2d.device)
     if n:
         x_bf16 = x2d.dtype == torch.bfloat16
-        kernels.rms_norm_forward_kernel[(_programs(x2d),)](
+        kernels.rms_norm_forward_kernel[(_programs(x2d, backward=False),)](
             x2d, weight.contiguous(), _bits(y), rstd, n, H, x2d.stride(0), y.stride(0), eps,
             X_BF16=x_bf16, Y_BF16_BITS=_bits(y) is not y, **_launch_config(H))
     return y, rstd
@@ -81,7 +85,7 @@ def rms_norm_backward(x2d: torch.Tensor, weight: torch.Tensor, dy2d: torch.Tenso
     """(dx (rows, H) in x's dtype, dweight (H,) in weight's dtype, or an empty tensor unless need_dw)."""
     n, H = x2d.shape
     dx = torch.empty((n, H), dtype=x2d.dtype, device=x2d.device)
-    programs = _programs(x2d)
+    programs = _programs(x2d, backward=True)
     dw_part = torch.empty((programs, H) if need_dw else (0,), dtype=torch.float32, device=x2d.device)
     if n:
         kernels.rms_norm_backward_kernel[(programs,)](
