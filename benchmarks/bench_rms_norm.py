@@ -13,17 +13,10 @@ from qlora_kernels.reference import rms_norm as ref
 EPS = 1e-5
 
 
-def providers(device):
-    table = {"hf eager": ref.rms_norm, "ours": rms_norm}   # eager first: the others' "x eager" divides by it
-    if device == "cuda":
-        table["torch.compile(hf)"] = torch.compile(ref.rms_norm, dynamic=False)
-        try:
-            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-            # in_place=False: dx allocated, as ours
-            table["liger"] = lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
-        except ImportError:
-            pass
-    return table
+def _liger():
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    # casting mode "llama" is HF's rounding; in_place=False: dx allocated, as ours
+    return lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
 
 
 def main():
@@ -33,6 +26,7 @@ def main():
     shapes = [(512, 2048)] if args.quick or device == "cpu" else \
         [(4096, 2048), (32768, 2048), (4096, 3072), (32768, 3072), (4096, 4096)]
     rows = harness.Rows("rms_norm", args)
+    providers = harness.memory_bound_providers(device, ref.rms_norm, rms_norm, _liger)
     for tokens, hidden in shapes:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.rand(hidden, device=device, dtype=torch.bfloat16) + 0.5
@@ -43,8 +37,8 @@ def main():
                 fn(x, w, EPS).backward(dy)
                 x.grad = None
             return step
-        harness.memory_bound_rows(rows, {"tokens x hidden": f"{tokens}x{hidden}"}, providers(device), step_for,
-                                  10 * x.numel(), device, reps=20 if device == "cuda" else 3)
+        harness.memory_bound_rows(rows, {"tokens x hidden": f"{tokens}x{hidden}"}, providers, step_for, 10 * x.numel(),
+                                  device, reps=20 if device == "cuda" else 3)
     harness.write_results("rms_norm", rows, args, notes="forward + backward, bf16 x and weight, weight frozen")
 
 

@@ -11,16 +11,9 @@ from qlora_kernels.ops.swiglu import swiglu
 from qlora_kernels.reference import swiglu as ref
 
 
-def providers(device):
-    table = {"hf eager": ref.swiglu, "ours": swiglu}   # eager first: the others' "x eager" divides by it
-    if device == "cuda":
-        table["torch.compile(hf)"] = torch.compile(ref.swiglu, dynamic=False)
-        try:
-            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-            table["liger"] = LigerSiLUMulFunction.apply
-        except ImportError:
-            pass
-    return table
+def _liger():
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    return LigerSiLUMulFunction.apply
 
 
 def main():
@@ -29,6 +22,7 @@ def main():
     # (tokens, intermediate): Llama-3.2-1B (8192) and -3B (8192) at 4096 and 32768 tokens, 8B (14336) at 4096
     shapes = [(256, 2048)] if args.quick or device == "cpu" else [(4096, 8192), (32768, 8192), (4096, 14336)]
     rows = harness.Rows("swiglu", args)
+    providers = harness.memory_bound_providers(device, ref.swiglu, swiglu, _liger)
     for tokens, inter in shapes:
         gate = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
         up = torch.randn(tokens, inter, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -39,7 +33,7 @@ def main():
                 fn(gate, up).backward(dy)
                 gate.grad = up.grad = None
             return step
-        harness.memory_bound_rows(rows, {"tokens x intermediate": f"{tokens}x{inter}"}, providers(device), step_for,
+        harness.memory_bound_rows(rows, {"tokens x intermediate": f"{tokens}x{inter}"}, providers, step_for,
                                   16 * gate.numel(), device, reps=20 if device == "cuda" else 3)
     harness.write_results("swiglu", rows, args, notes="forward + backward, bf16 gate and up")
 

@@ -84,6 +84,20 @@ def peak_memory_mb(fn, reset=None, device: str | None = None) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def memory_bound_providers(device, eager, ours, liger):
+    """name -> fn for a memory-bound op: transformers' eager math first (the others' "x eager" divides by it),
+    ours, and on CUDA torch.compile of the eager math and Liger's kernel (`liger()` returns it, or raises
+    ImportError where liger_kernel is not installed)."""
+    table = {"hf eager": eager, "ours": ours}
+    if device == "cuda":
+        table["torch.compile(hf)"] = torch.compile(eager, dynamic=False)
+        try:
+            table["liger"] = liger()
+        except ImportError:
+            pass
+    return table
+
+
 def memory_bound_rows(rows, case: dict, providers: dict, step_for, nbytes: int, device: str, reps: int):
     """Append one row per provider for a memory-bound op: `step_for(fn)` is a callable running provider fn's
     forward + backward, `nbytes` the minimum bytes it must move. Columns: ms, GB/s, % of copy bandwidth,
