@@ -32,6 +32,24 @@ def round_to_bf16_bits(x):
     return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
+@triton.jit
+def round_through(v, dtype: tl.constexpr, BF16: tl.constexpr):
+    """fp32 -> dtype -> fp32, round to nearest even (BF16: by round_to_bf16_bits, for the interpreter)."""
+    if BF16:
+        bits = round_to_bf16_bits(v).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def store_rounded(ptrs, v, mask, BF16_BITS: tl.constexpr):
+    """Store fp32 v in the pointers' dtype; BF16_BITS: the pointers are an int16 view of bf16, rounded here."""
+    if BF16_BITS:
+        tl.store(ptrs, round_to_bf16_bits(v), mask=mask)
+    else:
+        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
 # --- code lookup: 4-bit index -> fp32 NF4 value ---------------------------------------------------------
 
 @triton.jit

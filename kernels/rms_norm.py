@@ -10,7 +10,7 @@ Persistent programs: each walks rows pid, pid + G, ... with the whole row (BLOCK
 import triton
 import triton.language as tl
 
-from .nf4 import round_to_bf16_bits
+from .nf4 import round_through, store_rounded
 
 MAX_BLOCK_H = 8192   # a row in registers (70B models: H = 8192); wider rows spill: the plain-PyTorch path
 
@@ -37,13 +37,6 @@ def resident_programs(block_h: int, backward: bool) -> int:
 
 
 @triton.jit
-def _bf16_round(v):
-    """fp32 -> bf16 -> fp32, round to nearest even (the interpreter's own bf16 cast truncates)."""
-    bits = round_to_bf16_bits(v).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, H, stride_x, stride_y, eps,
                             X_BF16: tl.constexpr, Y_BF16_BITS: tl.constexpr,
                             BLOCK_H: tl.constexpr):
@@ -55,14 +48,8 @@ def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, H, stride_x, 
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):   # int64 row offsets
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-        if X_BF16:
-            y = w * _bf16_round(x * rstd)
-        else:
-            y = w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        if Y_BF16_BITS:
-            tl.store(y_ptr + row * stride_y + cols, round_to_bf16_bits(y), mask=mask)
-        else:
-            tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = w * round_through(x * rstd, x_ptr.dtype.element_ty, X_BF16)
+        store_rounded(y_ptr + row * stride_y + cols, y, mask, Y_BF16_BITS)
         tl.store(rstd_ptr + row, rstd)
 
 
@@ -84,14 +71,8 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr
         xhat = x * rstd
         dn = dy * w
         dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / H))
-        if DX_BF16_BITS:
-            tl.store(dx_ptr + row * stride_dx + cols, round_to_bf16_bits(dx), mask=mask)
-        else:
-            tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        store_rounded(dx_ptr + row * stride_dx + cols, dx, mask, DX_BF16_BITS)
         if NEED_DW:
-            if X_BF16:
-                dw += dy * _bf16_round(xhat)
-            else:
-                dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += dy * round_through(xhat, x_ptr.dtype.element_ty, X_BF16)
     if NEED_DW:
         tl.store(dw_part_ptr + tl.program_id(0).to(tl.int64) * H + cols, dw, mask=mask)

@@ -8,28 +8,11 @@ two gradients (10 B; eager's three ops move ~16 and save silu(gate) for the prod
 import triton
 import triton.language as tl
 
-from .nf4 import round_to_bf16_bits
+from .nf4 import round_through, store_rounded
 
 BLOCK = 2048             # elements per program: 8 per thread at 8 warps (16-byte bf16 accesses)
 NUM_WARPS = 8
 INTERPRET_BLOCK = 65536  # the interpreter's cost is per program
-
-
-@triton.jit
-def _to_dtype_f32(v, dtype: tl.constexpr, BF16: tl.constexpr):
-    """fp32 -> dtype -> fp32, round to nearest even (the interpreter's own bf16 cast truncates)."""
-    if BF16:
-        bits = round_to_bf16_bits(v).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-        return bits.to(tl.float32, bitcast=True)
-    return v.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, offs, v, mask, BF16_BITS: tl.constexpr):
-    if BF16_BITS:   # ptr is an int16 view of a bf16 tensor (interpreter)
-        tl.store(ptr + offs, round_to_bf16_bits(v), mask=mask)
-    else:
-        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -39,8 +22,8 @@ def swiglu_forward_kernel(g_ptr, u_ptr, y_ptr, n, BF16: tl.constexpr, BF16_BITS:
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a = _to_dtype_f32(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, BF16)   # F.silu's result, in g's dtype
-    _store(y_ptr, offs, a * u, mask, BF16_BITS)
+    a = round_through(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, BF16)   # F.silu's result, in g's dtype
+    store_rounded(y_ptr + offs, a * u, mask, BF16_BITS)
 
 
 @triton.jit
@@ -54,7 +37,7 @@ def swiglu_backward_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, n, BF16: tl.con
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     if NEED_DU:
-        _store(du_ptr, offs, dy * _to_dtype_f32(g * s, g_ptr.dtype.element_ty, BF16), mask, BF16_BITS)
+        store_rounded(du_ptr + offs, dy * round_through(g * s, g_ptr.dtype.element_ty, BF16), mask, BF16_BITS)
     if NEED_DG:
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _store(dg_ptr, offs, dy * u * s * (1.0 + g * (1.0 - s)), mask, BF16_BITS)
+        store_rounded(dg_ptr + offs, dy * u * s * (1.0 + g * (1.0 - s)), mask, BF16_BITS)

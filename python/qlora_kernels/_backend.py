@@ -51,9 +51,20 @@ def native():
     return _C
 
 
+def runs_triton(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on `tensor`'s device (CUDA, or CPU under the interpreter)."""
+    return tensor.device.type == "cuda" or (interpreting() and tensor.device.type == "cpu")
+
+
+def interpreter_out(t: torch.Tensor) -> torch.Tensor:
+    """The view a kernel stores output `t` through: under the interpreter bf16 goes as int16 bit patterns rounded
+    in the kernel (its own fp32 -> bf16 conversion truncates); otherwise `t` itself."""
+    return t.view(torch.int16) if interpreting() and t.dtype == torch.bfloat16 else t
+
+
 def backend_for(tensor: torch.Tensor) -> str:
     """"triton", "cpu" or "reference": the implementation an op on `tensor` dispatches to."""
-    if tensor.device.type == "cuda" or (interpreting() and tensor.device.type == "cpu"):
+    if runs_triton(tensor):
         return "triton"
     if tensor.device.type != "cpu":
         raise NotImplementedError(f"qlora_kernels: no backend for device {tensor.device}")

@@ -271,7 +271,8 @@ def _mlp_plan(module):
 def _mlp_forward(self, x, *args, **kwargs):
     """The MLP's forward with silu(gate) * up by `swiglu` where its Triton path runs (the projections are called
     as the module calls them, gate first); the module's own forward elsewhere."""
-    from qlora_kernels.ops.swiglu import runs_triton, swiglu
+    from qlora_kernels._backend import runs_triton
+    from qlora_kernels.ops.swiglu import swiglu
 
     if (_STATE not in self.__dict__ or args or kwargs or not isinstance(x, torch.Tensor) or not runs_triton(x)
             or _mlp_plan(self) is not None):

@@ -168,10 +168,6 @@ def _r_block(r):
     return max(16, _backend.next_power_of_2(r))
 
 
-def _out(t):
-    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
-
-
 def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
     instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup):
@@ -229,7 +225,7 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
         return y, xa
     small = M <= SMALL_M
     args = (x2d, packed, absmax, xa, B, bias if bias is not None else dummy,
-            _out(y), M, N, K, r, x2d.stride(0), x2d.stride(1), B.stride(0), B.stride(1))
+            _backend.interpreter_out(y), M, N, K, r, x2d.stride(0), x2d.stride(1), B.stride(0), B.stride(1))
     grid = lambda c: (_backend.cdiv(M, c["BM"]) * _backend.cdiv(N, c["BN"]),)  # noqa: E731
     _launch("fwd_small" if small else "fwd", kernels.INTERPRET_FWD_SMALL_M if small else kernels.INTERPRET_FWD,
             grid, args, dict(flags, HAS_LORA=True, HAS_BIAS=bias is not None))
@@ -254,7 +250,7 @@ def _bwd_triton(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed,
             br = kernels.INTERPRET_DX_LORA_BR if _backend.interpreting() else kernels.DX_LORA_BR
             Al = A.to(torch.float32 if flags["COMPUTE_F32"] else cd)
             absmax = block_scales(scales, absmax2, code2, offset, nested)
-            args = (dy, packed, absmax, g, Al, seed if seed is not None else absmax, _out(dx),
+            args = (dy, packed, absmax, g, Al, seed if seed is not None else absmax, _backend.interpreter_out(dx),
                     M, N, K, r, dy.stride(0), dy.stride(1), Al.stride(0), Al.stride(1), p)
             grid = lambda c: (_backend.cdiv(M, c["BM"]) * _backend.cdiv(K, c["BK"]),)  # noqa: E731
             _launch("dx", kernels.INTERPRET_DX, grid, args,

@@ -34,8 +34,7 @@ def _check(x, weight, eps):
 
 def runs_triton(x):
     """Whether rms_norm runs its kernels on x (else the plain-PyTorch math)."""
-    return (x.device.type == "cuda" or (_backend.interpreting() and x.device.type == "cpu")) \
-        and 0 < x.shape[-1] and _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
+    return _backend.runs_triton(x) and 0 < _backend.next_power_of_2(x.shape[-1]) <= kernels.MAX_BLOCK_H
 
 
 def _programs(x2d, backward):
@@ -46,11 +45,6 @@ def _programs(x2d, backward):
         block_h = _launch_config(x2d.shape[1])["BLOCK_H"]
         cap = kernels.resident_programs(block_h, backward) * _backend.num_sms(x2d.device)
     return max(1, min(x2d.shape[0], cap))
-
-
-def _bits(t):
-    """bf16 outputs under the interpreter are stored as rounded int16 bit patterns (its own cast truncates)."""
-    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
 
 
 def _launch_config(H):
@@ -65,10 +59,10 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
     y = torch.empty((n, H), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x2d.device)
     if n:
-        x_bf16 = x2d.dtype == torch.bfloat16
+        out = _backend.interpreter_out(y)
         kernels.rms_norm_forward_kernel[(_programs(x2d, backward=False),)](
-            x2d, weight.contiguous(), _bits(y), rstd, n, H, x2d.stride(0), y.stride(0), eps,
-            X_BF16=x_bf16, Y_BF16_BITS=_bits(y) is not y, **_launch_config(H))
+            x2d, weight.contiguous(), out, rstd, n, H, x2d.stride(0), y.stride(0), eps,
+            X_BF16=x2d.dtype == torch.bfloat16, Y_BF16_BITS=out is not y, **_launch_config(H))
     return y, rstd
 
 
@@ -88,9 +82,10 @@ def rms_norm_backward(x2d: torch.Tensor, weight: torch.Tensor, dy2d: torch.Tenso
     programs = _programs(x2d, backward=True)
     dw_part = torch.empty((programs, H) if need_dw else (0,), dtype=torch.float32, device=x2d.device)
     if n:
+        out = _backend.interpreter_out(dx)
         kernels.rms_norm_backward_kernel[(programs,)](
-            x2d, weight.contiguous(), dy2d, rstd, _bits(dx), dw_part, n, H, x2d.stride(0), dy2d.stride(0),
-            dx.stride(0), X_BF16=x2d.dtype == torch.bfloat16, DX_BF16_BITS=_bits(dx) is not dx, NEED_DW=need_dw,
+            x2d, weight.contiguous(), dy2d, rstd, out, dw_part, n, H, x2d.stride(0), dy2d.stride(0),
+            dx.stride(0), X_BF16=x2d.dtype == torch.bfloat16, DX_BF16_BITS=out is not dx, NEED_DW=need_dw,
             **_launch_config(H))
     if not need_dw:
         return dx, weight.new_empty(0)

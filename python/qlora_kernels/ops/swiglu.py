@@ -24,19 +24,9 @@ def _check(gate, up):
     _backend.check_same_device(gate=gate, up=up)
 
 
-def runs_triton(t):
-    """Whether swiglu runs its kernels on tensors like t (else the plain-PyTorch math)."""
-    return t.device.type == "cuda" or (_backend.interpreting() and t.device.type == "cpu")
-
-
 def _grid_block(n):
     block = kernels.INTERPRET_BLOCK if _backend.interpreting() else kernels.BLOCK
     return (_backend.cdiv(n, block),), block
-
-
-def _bits(t):
-    """bf16 outputs under the interpreter are stored as rounded int16 bit patterns (its own cast truncates)."""
-    return t.view(torch.int16) if _backend.interpreting() and t.dtype == torch.bfloat16 else t
 
 
 @torch.library.custom_op("qlora_kernels::swiglu_forward", mutates_args=())
@@ -45,8 +35,9 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     if y.numel():
         grid, block = _grid_block(y.numel())
-        kernels.swiglu_forward_kernel[grid](gate, up, _bits(y), y.numel(), BF16=y.dtype == torch.bfloat16,
-                                            BF16_BITS=_bits(y) is not y, BLOCK=block, num_warps=kernels.NUM_WARPS)
+        out = _backend.interpreter_out(y)
+        kernels.swiglu_forward_kernel[grid](gate, up, out, y.numel(), BF16=y.dtype == torch.bfloat16,
+                                            BF16_BITS=out is not y, BLOCK=block, num_warps=kernels.NUM_WARPS)
     return y
 
 
@@ -64,9 +55,9 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, need
     du = torch.empty_like(up) if need_up else up.new_empty(0)
     if n and (need_gate or need_up):
         grid, block = _grid_block(n)
-        bf16 = gate.dtype == torch.bfloat16
-        kernels.swiglu_backward_kernel[grid](gate, up, dy, _bits(dg), _bits(du), n, BF16=bf16,
-                                             BF16_BITS=bf16 and _backend.interpreting(), NEED_DG=need_gate,
+        kernels.swiglu_backward_kernel[grid](gate, up, dy, _backend.interpreter_out(dg),
+                                             _backend.interpreter_out(du), n, BF16=gate.dtype == torch.bfloat16,
+                                             BF16_BITS=_backend.interpreter_out(gate) is not gate, NEED_DG=need_gate,
                                              NEED_DU=need_up, BLOCK=block, num_warps=kernels.NUM_WARPS)
     return dg, du
 
@@ -99,6 +90,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     the dtype, then the product): gate, up (..., I) of one shape and dtype (fp32/bf16/fp16) -> (..., I).
     Gradients for each input that requires one; saves gate and up (eager also keeps silu(gate))."""
     _check(gate, up)
-    if not runs_triton(gate):
+    if not _backend.runs_triton(gate):
         return ref.swiglu(gate, up)
     return _SwiGLU.apply(gate, up)
