@@ -9,6 +9,15 @@
 #   QLORA_KERNELS_COMMIT=<git rev-parse --short HEAD, run here> OUT=$OUT bash benchmarks/gpu_check.sh
 set -uo pipefail
 export OUT=${OUT:-benchmarks/results}
+# PACK=1 (the device tool brings back at most 8 files from $OUT): everything is written to a work folder and
+# packed into $OUT/gpu_check.tgz every 10 s and at the end, so a call cut at its limit still brings back all
+# that was written up to ~10 s before (the rename keeps the last whole archive)
+if [ "${PACK:-0}" = 1 ]; then
+  dest=$OUT; export OUT=$HOME/gpu_out; rm -rf "$OUT"; mkdir -p "$OUT"
+  pack() { tar czf "$dest/.gpu_check.tgz" -C "$OUT" . && mv "$dest/.gpu_check.tgz" "$dest/gpu_check.tgz"; }
+  ( while sleep 10; do pack; done ) & packer=$!
+  trap 'kill $packer 2>/dev/null; pack' EXIT
+fi
 mkdir -p "$OUT"
 # unbuffered: a suite cut by `timeout` keeps what it printed (block-buffered output died with it)
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
