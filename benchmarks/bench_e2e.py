@@ -16,6 +16,7 @@ Reports tokens/s (all positions) and peak memory of a step. --quick runs a tiny 
 import contextlib
 import copy
 import gc
+import os
 
 import torch
 
@@ -146,7 +147,8 @@ def main():
         except ImportError as err:
             print(f"bnb+peft+torch+liger skipped: {err}")
         results = {}
-        for name in list(providers):
+        only = os.environ.get("E2E_PROVIDERS")   # e.g. "qlora_kernels,bnb+peft+torch": a rerun of some rows
+        for name in [n for n in providers if not only or n in only.split(",")]:
             # popped: once measured, its optimizer states go (a peer must not run out of memory because an
             # earlier provider's states are still on the device)
             step = providers.pop(name)

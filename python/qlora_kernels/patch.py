@@ -368,9 +368,10 @@ def _lm_loss_forward(self, *args, **kwargs):
                                           ignore_index=ignore_index, reduction="mean" if num_items is None else "sum")
     if num_items is not None:
         loss = loss / (num_items.to(loss.device, non_blocking=True) if torch.is_tensor(num_items) else num_items)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
-                                 hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None))
+    # the cache field is `past_key_values` before transformers 5.2x and `cache` after: pass what this one has
+    passed = [name for name in ("past_key_values", "cache", "hidden_states", "attentions")
+              if name in CausalLMOutputWithPast.__dataclass_fields__]
+    out = CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name, None) for name in passed})
     return out if return_dict else out.to_tuple()
 
 
