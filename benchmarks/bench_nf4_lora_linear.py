@@ -23,8 +23,8 @@ QUICK_SHAPES = [(64, 256, 256, 8)]
 TRAIN_M = 512          # forward+backward only from here (decode has no backward)
 # our providers and the switches each runs with (set for the whole step): the NF4 code lookup of the Triton
 # GEMMs, and the one-token CUDA kernel of the extension (csrc/nf4_lora_linear_cuda.cu)
-OURS = {"ours": {"QLORA_KERNELS_NF4_LOOKUP": "select"}, "ours_prmt": {"QLORA_KERNELS_NF4_LOOKUP": "prmt"},
-        "ours_cuda_decode": {"QLORA_KERNELS_DECODE": "cuda"}}
+OURS = {"ours": {}, "ours_select": {"QLORA_KERNELS_NF4_LOOKUP": "select", "QLORA_KERNELS_DECODE": "triton"},
+        "ours_triton_decode": {"QLORA_KERNELS_DECODE": "triton"}}   # ours: the defaults (PRMT, CUDA decode)
 
 
 def weight_bytes(N, K, blocksize=64):
@@ -49,9 +49,7 @@ def providers(d):
     """name -> fn(x, A, B) -> y; each forward as its stack runs it (dropout 0.1 on the LoRA branch)."""
     qw, w, scaling, p = d["qw"], d["w"], d["scaling"], d["p"]
     out = {
-        "ours": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
-        "ours_prmt": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),   # see OURS
-        "ours_cuda_decode": lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p),
+        **{name: lambda x, A, B: nf4_lora_linear(x, qw, A, B, scaling, dropout_p=p) for name in OURS},  # env: OURS
         "torch_ref": lambda x, A, B: ref.nf4_lora_linear(
             x, qw, A, B, scaling, keep=torch.rand_like(x, dtype=torch.float32) >= p, dropout_p=p,
             upcast=False).to(x.dtype),
@@ -125,8 +123,8 @@ def main():
             base = {}   # ours' ms, end to end and replayed from a graph: each row is compared with its kind
             for label, fn, graph in [(name, fn, False) for name, fn in fns.items()] + graphed:
                 name = label.removesuffix("[graph]")
-                if name in OURS and name != "ours" and (device != "cuda" or (name == "ours_cuda_decode" and M != 1)):
-                    continue   # the inline-PTX lookup and the CUDA kernel exist on CUDA only; the latter for M = 1
+                if name in OURS and name != "ours" and (device != "cuda" or (name == "ours_triton_decode" and M != 1)):
+                    continue   # the variants differ on CUDA only; the decode kernel's at M = 1 only
                 if name == "bnb_peft_autocast" and device == "cuda" and M < TRAIN_M:
                     continue   # autocast changes the LoRA GEMMs' dtype only: it matters at training sizes
                 os.environ.update(OURS.get(name, {}))
@@ -167,10 +165,11 @@ def main():
                                 f"of {harness.BF16_DENSE_TFLOPS} TFLOP/s, or (M <= 16, ours) of copy bandwidth "
                                 "on the 4-bit weight bytes. [graph]: the same forward replayed from a CUDA graph "
                                 "(kernel time, no Python or launch cost; its ours_speedup is against ours[graph]). "
-                                "A provider that failed has a row with its error. ours_prmt: the GEMMs' NF4 lookup by inline-PTX byte permutes "
-                                "(QLORA_KERNELS_NF4_LOOKUP=prmt) instead of the select tree. ours_cuda_decode (M = 1): "
-                                "the extension's CUDA kernel (QLORA_KERNELS_DECODE=cuda; fails without a CUDA "
-                                "build). bnb_peft: bnb.matmul_4bit as bnb's Linear4bit calls it, and PEFT's "
+                                "A provider that failed has a row with its error. ours: the defaults (the GEMMs' "
+                                "NF4 lookup by inline-PTX byte permutes; M = 1 by the extension's CUDA kernel where "
+                                "it was built with CUDA); ours_select: the select-tree lookup and the Triton decode "
+                                "tile (QLORA_KERNELS_NF4_LOOKUP=select QLORA_KERNELS_DECODE=triton); "
+                                "ours_triton_decode (M = 1): the Triton decode tile with PRMT. bnb_peft: bnb.matmul_4bit as bnb's Linear4bit calls it, and PEFT's "
                                 "LoRA branch in its fp32 weights' dtype "
                                 "(no autocast); bnb_peft_autocast under bf16 autocast, as Trainer(bf16=True).")
 

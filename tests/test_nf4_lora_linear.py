@@ -152,9 +152,9 @@ def test_cuda_no_host_sync(lookup, monkeypatch):
 
 def test_decode_setting_is_checked(monkeypatch):
     x = torch.randn(1, 64)
-    assert not ops.cuda_decode(x, 64, 256)                    # default: the Triton decode tile
-    monkeypatch.setenv("QLORA_KERNELS_DECODE", "cuda")
     assert not ops.cuda_decode(x, 64, 256)                    # CPU tensors never take the CUDA kernel
+    monkeypatch.setenv("QLORA_KERNELS_DECODE", "cuda")
+    assert not ops.cuda_decode(x, 64, 256)
     monkeypatch.setenv("QLORA_KERNELS_DECODE", "gemv")
     with pytest.raises(ValueError, match="QLORA_KERNELS_DECODE"):
         ops.cuda_decode(x, 64, 256)

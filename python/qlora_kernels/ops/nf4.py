@@ -16,9 +16,11 @@ LOOKUPS = ("select", "prmt")
 
 def prmt_lookup(t: torch.Tensor) -> bool:
     """Whether the fused NF4 GEMMs on `t`'s device look codes up by inline-PTX byte permutes (4 lookups per
-    prmt; CUDA only): QLORA_KERNELS_NF4_LOOKUP=prmt, instead of the default select tree. Opt-in until a GPU
-    run has measured both. (Dequantize keeps its table loads: fewer instructions in a bandwidth-bound kernel.)"""
-    lookup = os.environ.get("QLORA_KERNELS_NF4_LOOKUP", "select")
+    prmt; CUDA only; the default), or by the select tree (QLORA_KERNELS_NF4_LOOKUP=select; the interpreter
+    always). The H100 run of 2026-11-27 measured PRMT 22-28 % faster at M = 4096 forward, 7-28 % forward +
+    backward but one case (3 % slower), and equal bit for bit (benchmarks/NOTES.md "Second GPU run").
+    (Dequantize keeps its table loads: fewer instructions in a bandwidth-bound kernel.)"""
+    lookup = os.environ.get("QLORA_KERNELS_NF4_LOOKUP", "prmt")
     if lookup not in LOOKUPS:
         raise ValueError(f"QLORA_KERNELS_NF4_LOOKUP={lookup!r}: expected one of {LOOKUPS}")
     return lookup == "prmt" and t.is_cuda and not _backend.interpreting()

@@ -30,7 +30,7 @@ from qlora_kernels.ops.nf4 import _code_table, block_scales
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M = 16
-DECODES = ("triton", "cuda")
+DECODES = ("auto", "triton", "cuda")
 _warned_fallback = False
 
 
@@ -170,17 +170,20 @@ def _r_block(r):
 
 def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
-    instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup):
-    QLORA_KERNELS_DECODE=cuda, opt-in until a GPU run has measured it. Needs the extension built with CUDA
-    (an error names it otherwise), in_features % 32 == 0, a multiple of the power-of-two block size (the
-    kernel indexes one row's scales), and a power-of-two nested block size; other shapes keep the Triton
-    kernel."""
-    decode = os.environ.get("QLORA_KERNELS_DECODE", "triton")
+    instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup).
+    QLORA_KERNELS_DECODE=auto (the default) takes it where the extension was built with CUDA: the H100 run of
+    2026-11-27 measured it 1.1-1.5x faster than the Triton tile (1.5-1.8x replayed from a CUDA graph). "cuda"
+    insists (an error names a missing CUDA build), "triton" never takes it. It needs in_features % 32 == 0,
+    a multiple of the power-of-two block size (the kernel indexes one row's scales), and a power-of-two nested
+    block size; other shapes keep the Triton kernel."""
+    decode = os.environ.get("QLORA_KERNELS_DECODE", "auto")
     if decode not in DECODES:
         raise ValueError(f"QLORA_KERNELS_DECODE={decode!r}: expected one of {DECODES}")
-    if decode != "cuda" or not x2d.is_cuda or x2d.shape[0] != 1:
+    if decode == "triton" or not x2d.is_cuda or x2d.shape[0] != 1:
         return False
     if not getattr(_backend.native(), "with_cuda", False):
+        if decode == "auto":
+            return False
         raise RuntimeError("QLORA_KERNELS_DECODE=cuda needs qlora_kernels._C built with CUDA (nvcc at install time)")
     power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
     return (x2d.shape[1] % 32 == 0 and blocksize >= 32 and power_of_two(blocksize)
