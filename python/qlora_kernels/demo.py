@@ -30,6 +30,7 @@ BRANDS = ["acme", "zenith", "nova", "apex", "orbit", "vertex", "lumen", "kestrel
 FEATURES = ["wireless", "black", "white", "silver", "rechargeable", "waterproof", "lightweight", "durable",
             "foldable", "quiet", "smart", "classic", "modern", "portable"]
 PROMPT_TAIL = "Price is $"
+PRICE_RANGE = (5, 999)
 
 
 @dataclass
@@ -40,12 +41,16 @@ class Example:
 
 
 def make_dataset(n: int, seed: int) -> list:
-    """n products whose price is a function of category x quality x size (brand and features are noise)."""
+    """n products whose price is category x quality x size times a seeded +-15 % that nothing in the prompt
+    tells (brand and features are noise too): as in real listings, the best model is off by ~7 % on average,
+    and the loss has a floor above zero (an exact function was learnt to a loss of ~0.003 on a GPU, where
+    the two runs' final losses differed by noise around zero)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         cat, qual, size = rng.choice(list(CATEGORIES)), rng.choice(list(QUALITY)), rng.choice(list(SIZE))
-        price = float(min(999, max(5, round(CATEGORIES[cat] * QUALITY[qual] * SIZE[size]))))
+        base = CATEGORIES[cat] * QUALITY[qual] * SIZE[size] * rng.uniform(0.85, 1.15)
+        price = float(min(PRICE_RANGE[1], max(PRICE_RANGE[0], round(base))))
         feats = rng.sample(FEATURES, 2)
         prompt = (f"How much does this cost ? {rng.choice(BRANDS)} {qual} {size} {cat} , {feats[0]} , {feats[1]} . "
                   f"{PROMPT_TAIL}")
@@ -386,8 +391,10 @@ def predict_prices(model, tok, examples, device, max_new_tokens=8, batch_size=64
 
 
 def price_error(preds, examples):
-    """(mean absolute error with an unparseable answer scored as $0, fraction parsed)."""
-    errs = [abs((p if p is not None else 0.0) - ex.price) for p, ex in zip(preds, examples)]
+    """(mean absolute error with an unparseable answer scored as $0 and any other clipped to the data's price
+    range (an untrained model's 8-digit answers made the mean millions), fraction parsed)."""
+    errs = [abs((min(max(p, PRICE_RANGE[0]), PRICE_RANGE[1]) if p is not None else 0.0) - ex.price)
+            for p, ex in zip(preds, examples)]
     return sum(errs) / len(errs), sum(p is not None for p in preds) / len(preds)
 
 
