@@ -664,3 +664,24 @@ def test_compiles_for_gpu_without_spills():
     for r in reports:
         assert_no_spills(r)
         assert 0 < r["registers"] <= 128, r  # keeps >= 2 blocks of 8 warps per SM for bandwidth
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_plan_built_once_for_an_unchanged_param_set(device, backend, monkeypatch):
+    """The per-step check of the cached plan: one build over steps with the same params, grads and state (the
+    key taken before the first build, with no state yet, made the second step build again), and a rebuild
+    once a grad is replaced at another address."""
+    params = _params(device)
+    opt = FusedAdamW(params, lr=1e-2, max_grad_norm=0.5, backend=backend)
+    builds, build = [], opt._build_plans
+    monkeypatch.setattr(opt, "_build_plans", lambda: builds.append(1) or build())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for _ in range(4):
+        opt.step()
+    assert len(builds) == 1
+    kept = params[0].grad                                       # held: the new grad gets another address
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    opt.step()
+    assert len(builds) == 2 and kept is not None

@@ -6,6 +6,8 @@ State layout: torch's (`step` 0-d fp32 tensor on the param's device, `exp_avg`, 
 `max_exp_avg_sq`), so state dicts load both ways.
 """
 import collections
+import itertools
+import operator
 
 import torch
 
@@ -16,6 +18,10 @@ from qlora_kernels.reference import adamw as ref
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# C-level accessors of the per-step plan key (FusedAdamW._step_key)
+_PARAMS, _AMSGRAD, _GRAD = operator.itemgetter("params"), operator.itemgetter("amsgrad"), operator.attrgetter("grad")
+_DATA_PTR, _STRIDE, _IS_CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.is_contiguous
+_IS, _chain, _repeat = operator.is_, itertools.chain.from_iterable, itertools.repeat
 
 
 def _check_hyper(lr, betas, eps, weight_decay):
@@ -263,23 +269,50 @@ class FusedAdamW(torch.optim.Optimizer):
         return (self._seed + self._host_steps * 7919 + unit * 104729) % (2**31 - 1)
 
     def _plans(self):
-        """Per-device plans, rebuilt when a param or grad address or grad layout changes (or a grad appears or
-        vanishes), or
-        when a group dict or a state tensor is replaced (opt.state cleared, a moment reassigned, a group
-        swapped): the plans hold the groups and state tensors themselves, so those ids cannot be reused."""
+        """Per-device plans, rebuilt when a param or grad address changes, a grad appears, vanishes or is laid out
+        otherwise (a new layout over the same storage included), or when a group dict, a param's state dict or a
+        state tensor is replaced (opt.state cleared, a moment reassigned, a group swapped).
+
+        Checked every step, so built without a Python loop over the params (the lite set's 224 tensors took
+        ~1 ms of host time per step with a per-param generator and tensor hashing, longer than the GPU's
+        update): each component is one C-level map over a flat list. The ids are safe to compare: the plan
+        keeps the objects they name alive (`_plan_refs`), so no id can be reused while the plan is cached.
+        Grads are compared by address and layout only (a plan holding them would keep last step's grads alive
+        through the next backward)."""
+        key = self._step_key()
+        if key is None or key != self._plan_key:
+            plans = self._build_plans()
+            # after the build, which makes the state of new params: the next step's key then matches
+            self._plan, self._plan_key = plans, self._step_key(keep_refs=True)
+        return self._plan
+
+    def _step_key(self, keep_refs=False):
+        """What the cached plan depends on, as a tuple of ints (None when it cannot be made: the build's checks
+        then say why, e.g. a sparse grad has no data pointer)."""
+        groups = self.param_groups
+        params = list(_chain(map(_PARAMS, groups)))
+        grads = list(map(_GRAD, params))
         state = self.state
         try:
-            key = tuple((id(group), group["amsgrad"]) for group in self.param_groups) + tuple(
-                (p.data_ptr(), p.grad.data_ptr(), p.grad.stride(), id(state.get(p)),
-                 *(id(state[p].get(k)) for k in ("step",) + _MOMENTS if p in state))
-                if p.grad is not None else None
-                for group in self.param_groups for p in group["params"])
-        except RuntimeError:  # e.g. sparse grads have no data pointer: let the checks below say so
-            key = None
-        if key is None or key != self._plan_key:
-            self._plan = self._build_plans()
-            self._plan_key = key
-        return self._plan
+            try:
+                grad_ptrs = tuple(map(_DATA_PTR, grads))
+                missing = ()
+            except TypeError:   # some params without a grad: which ones, then the others' addresses
+                missing = tuple(map(_IS, grads, _repeat(None)))
+                grads = [g for g in grads if g is not None]
+                grad_ptrs = tuple(map(_DATA_PTR, grads))
+            # contiguous fixes the layout (size-1 dims' strides aside, which the kernels never use); anything
+            # else is compared stride by stride
+            layout = tuple(map(_STRIDE, grads)) if not all(map(_IS_CONTIGUOUS, grads)) else len(grads)
+            values = list(state.values())
+            objects = [*groups, *params, state, *state, *values, *_chain(map(dict.values, values))]
+            key = (tuple(map(_AMSGRAD, groups)), tuple(map(len, values)), tuple(map(id, objects)),
+                   tuple(map(_DATA_PTR, params)), grad_ptrs, missing, layout)
+        except (TypeError, RuntimeError, KeyError, AttributeError):
+            return None
+        if keep_refs:
+            self._plan_refs = objects
+        return key
 
     def _build_plans(self):
         for group in self.param_groups:   # every check before any state is made: a refused step changes nothing
