@@ -56,6 +56,8 @@ INTERPRET_DX = dict(BM=128, BK=128, BN=128, GROUP_M=1, num_warps=4, num_stages=1
 # LoRA down-projection pre-pass (M x r output, r padded to BR <= 256 so x is read once).
 LORA_DOWN_BM, LORA_DOWN_BK = 64, 64
 INTERPRET_LORA_DOWN_BM, INTERPRET_LORA_DOWN_BK = 128, 128
+INTERPRET_LORA_DOWN_PROGRAMS = 2   # the interpreter splits K for one-tile M (tests cover both launch forms)
+LORA_DOWN_REDUCE_BLOCK = 1024
 DX_LORA_BR, INTERPRET_DX_LORA_BR = 32, 128    # r chunk of the dx LoRA dot (r padded to >= 16)
 DROPOUT_BLOCK = 4096
 INTERPRET_DROPOUT_BLOCK = 65536
@@ -67,6 +69,23 @@ def lora_down_num_warps(br):
 
 def lora_down_block_k(br):
     return LORA_DOWN_BK if br <= 64 else 32   # BR = 256 with BK = 64 spills under triton 3.6 (any warps)
+
+
+def lora_down_block_m(M):
+    """16 rows for decode-sized M (the dropout's Philox runs on every row of the tile, valid or not)."""
+    return 16 if M <= 16 else LORA_DOWN_BM
+
+
+def lora_down_splits(tiles, k_blocks, programs):
+    """(splits, BK-blocks per split) of the K loop so that tiles x splits reaches `programs`: the one-token
+    pre-pass was one program walking all of K (64 dependent steps at K = 4096, ~0.1 ms, 10x the decode kernel
+    it feeds); at training M the tiles alone fill the GPU and it stays one split."""
+    per_split = _cdiv(k_blocks, min(k_blocks, max(1, _cdiv(programs, tiles))))
+    return _cdiv(k_blocks, per_split), per_split
+
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
 @triton.jit
@@ -227,10 +246,14 @@ def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, d
 
 
 @triton.jit
-def lora_down_kernel(x_ptr, a_ptr, seed_ptr, xa_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                     scale, p, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
-                     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    """xa (M, R) = scale * (keep * x) @ A.T (fp32 accumulate, stored in xa's dtype), scale = scaling / (1 - p)."""
+def lora_down_kernel(x_ptr, a_ptr, seed_ptr, xa_ptr, part_ptr, M, K, R, k_split, stride_xm, stride_xk, stride_ar,
+                     stride_ak, scale, p, HAS_DROPOUT: tl.constexpr, COMPUTE_F32: tl.constexpr,
+                     SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """xa (M, R) = scale * (keep * x) @ A.T (fp32 accumulate, stored in xa's dtype), scale = scaling / (1 - p).
+    SPLIT: program (i, j, s) sums columns [s * k_split, (s + 1) * k_split) only, unscaled, into the fp32
+    partials part (splits, M, R); lora_down_reduce_kernel adds them in order (deterministic, no atomics)."""
+    k_lo = tl.program_id(2) * k_split if SPLIT else 0
+    k_hi = tl.minimum(K, k_lo + k_split) if SPLIT else K
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.program_id(1) * BR + tl.arange(0, BR)
     mmask = rm < M
@@ -239,7 +262,7 @@ def lora_down_kernel(x_ptr, a_ptr, seed_ptr, xa_ptr, M, K, R, stride_xm, stride_
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BM, BR), tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):   # k_split is a multiple of BK: only the last split has a partial block
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -251,8 +274,22 @@ def lora_down_kernel(x_ptr, a_ptr, seed_ptr, xa_ptr, M, K, R, stride_xm, stride_
             acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x.to(x_ptr.dtype.element_ty), a.to(x_ptr.dtype.element_ty), acc)
-    tl.store(xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], (acc * scale).to(xa_ptr.dtype.element_ty),
-             mask=mmask[:, None] & rmask[None, :])
+    out = rm.to(tl.int64)[:, None] * R + rr[None, :]
+    if SPLIT:
+        tl.store(part_ptr + tl.program_id(2).to(tl.int64) * M * R + out, acc, mask=mmask[:, None] & rmask[None, :])
+    else:
+        tl.store(xa_ptr + out, (acc * scale).to(xa_ptr.dtype.element_ty), mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def lora_down_reduce_kernel(part_ptr, xa_ptr, n, splits, scale, BLOCK: tl.constexpr):
+    """xa (n = M * R values) = scale * the sum of the splits' fp32 partials (splits, n), in split order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(splits):
+        acc += tl.load(part_ptr + s * n + offs, mask=mask, other=0.0)
+    tl.store(xa_ptr + offs, (acc * scale).to(xa_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

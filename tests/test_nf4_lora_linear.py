@@ -487,12 +487,17 @@ def _compile_cases():
     for c in K.DX_CONFIGS:
         ce, w, s = split(c)
         gemm.append(_case("nf4_lora_dx_kernel", dx_sig, dict(_FLAGS, HAS_DROPOUT=True, BR=K.DX_LORA_BR, **ce), w, s))
-    down_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "seed_ptr": "*i64", "xa_ptr": "*bf16",
-                **{k: "i32" for k in "M K R stride_xm stride_xk stride_ar stride_ak".split()}, "scale": "fp32",
-                "p": "fp32"}
-    for br in (16, 64, 256):    # r = 1..16, 64 (and 32), 256
-        other.append(_case("lora_down_kernel", down_sig, dict(HAS_DROPOUT=True, COMPUTE_F32=False,
-                           BM=K.LORA_DOWN_BM, BK=K.lora_down_block_k(br), BR=br), K.lora_down_num_warps(br), 3))
+    down_sig = {"x_ptr": "*bf16", "a_ptr": "*bf16", "seed_ptr": "*i64", "xa_ptr": "*bf16", "part_ptr": "*fp32",
+                **{k: "i32" for k in "M K R k_split stride_xm stride_xk stride_ar stride_ak".split()},
+                "scale": "fp32", "p": "fp32"}
+    for br in (16, 64, 256):    # r = 1..16, 64 (and 32), 256; training M (one split) and decode (K split)
+        for M, split in ((4096, False), (1, True)):
+            other.append(_case("lora_down_kernel", down_sig, dict(
+                HAS_DROPOUT=True, COMPUTE_F32=False, SPLIT=split, BM=K.lora_down_block_m(M),
+                BK=K.lora_down_block_k(br), BR=br), K.lora_down_num_warps(br), 3))
+    other.append(_case("lora_down_reduce_kernel", {"part_ptr": "*fp32", "xa_ptr": "*bf16", "n": "i32",
+                                                   "splits": "i32", "scale": "fp32"},
+                       {"BLOCK": K.LORA_DOWN_REDUCE_BLOCK}, 4, 3))
     other.append(_case("dropout_keep_kernel", {"x_ptr": "*bf16", "seed_ptr": "*i64", "out_ptr": "*bf16",
                                                "n": "i32", "K": "i32", "p": "fp32"}, {"BLOCK": K.DROPOUT_BLOCK}, 4, 3))
     return gemm, other
@@ -539,3 +544,16 @@ def test_gpu_compile_no_spills_tensor_cores():
                 issue = case.num_warps * rep["mma_loop"] / 4
                 print(f"K-loop {case.kernel} {c['BM']}x{c['BN']}x{c['BK']} {'prmt' if c['PRMT'] else 'select'} "
                       f"triton {version}: {rep['mma_loop']} instr, issue/mma cycles {issue / (flop / 3410):.2f}")
+
+
+def test_lora_down_splits_k_only_when_tiles_are_few():
+    """The x @ A.T pre-pass: one-token M spreads K over programs (each split a whole number of BK blocks, none
+    empty), training M keeps one split; under the interpreter test_matches_reference runs both forms."""
+    from qlora_kernels.kernels import nf4_lora_linear as K
+    assert K.lora_down_splits(1, 64, 264) == (64, 1)         # M = 1, K = 4096 / 64: one block per program
+    assert K.lora_down_splits(64, 64, 264) == (5, 13)        # M = 4096: 64 tiles x 5 splits of 13 blocks
+    assert K.lora_down_splits(512, 64, 264) == (1, 64)       # M = 32768: the tiles fill the GPU
+    assert K.lora_down_splits(1, 3, 264) == (3, 1) and K.lora_down_splits(1, 2, 2) == (2, 1)
+    for tiles, blocks, programs in ((1, 7, 4), (3, 10, 8), (2, 5, 264)):
+        splits, per = K.lora_down_splits(tiles, blocks, programs)
+        assert (splits - 1) * per < blocks <= splits * per

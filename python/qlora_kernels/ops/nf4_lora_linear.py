@@ -199,6 +199,27 @@ def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y
                            blocksize, nested)
 
 
+def _lora_down(x2d, A, seed, xa, scale, p, compute_f32):
+    """xa (M, r) = scale * dropout(x) @ A.T: (M / BM) x (r / BR) tiles, K split across programs when the tiles
+    alone are too few for the GPU (decode), the partials then added by a second kernel."""
+    (M, K), r = x2d.shape, A.shape[0]
+    interp = _backend.interpreting()
+    br = min(_r_block(r), 256)
+    bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
+              else (kernels.lora_down_block_m(M), kernels.lora_down_block_k(br)))
+    tiles = (_backend.cdiv(M, bm), _backend.cdiv(r, br))
+    programs = kernels.INTERPRET_LORA_DOWN_PROGRAMS if interp else 2 * _backend.num_sms(x2d.device)
+    splits, per_split = kernels.lora_down_splits(tiles[0] * tiles[1], _backend.cdiv(K, bk), programs)
+    part = torch.empty((splits, M, r) if splits > 1 else (0,), dtype=torch.float32, device=x2d.device)
+    kernels.lora_down_kernel[(*tiles, splits)](
+        x2d, A, seed, xa, part, M, K, r, per_split * bk, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
+        scale, p, HAS_DROPOUT=p > 0, COMPUTE_F32=compute_f32, SPLIT=splits > 1, BM=bm, BK=bk, BR=br,
+        num_warps=kernels.lora_down_num_warps(br))
+    if splits > 1:
+        block = kernels.LORA_DOWN_REDUCE_BLOCK
+        kernels.lora_down_reduce_kernel[(_backend.cdiv(M * r, block),)](part, xa, M * r, splits, scale, BLOCK=block)
+
+
 def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N, blocksize, nested, scaling, p):
     if x2d.stride(1) != 1:   # the kernels' column offsets (col * stride) are int32: a transposed x could overflow
         x2d = x2d.contiguous()
@@ -214,15 +235,8 @@ def _fwd_triton(x2d, packed, scales, absmax2, code2, offset, A, B, bias, seed, N
     # the kernel reads the weight in 16-byte vectors: storage at an odd offset keeps the Triton tile
     decode = cuda_decode(x2d, blocksize, nested if absmax2 is not None else None) and packed.data_ptr() % 16 == 0
     absmax = None if decode else block_scales(scales, absmax2, code2, offset, nested)
-    interp = _backend.interpreting()
-    br = min(_r_block(r), 256)
-    bm, bk = ((kernels.INTERPRET_LORA_DOWN_BM, kernels.INTERPRET_LORA_DOWN_BK) if interp
-              else (kernels.LORA_DOWN_BM, kernels.lora_down_block_k(br)))
     dummy = scales
-    kernels.lora_down_kernel[(_backend.cdiv(M, bm), _backend.cdiv(r, br))](
-        x2d, A, seed if seed is not None else dummy, xa, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0),
-        A.stride(1), scaling / (1.0 - p), p, HAS_DROPOUT=p > 0, COMPUTE_F32=flags["COMPUTE_F32"],
-        BM=bm, BK=bk, BR=br, num_warps=kernels.lora_down_num_warps(br))
+    _lora_down(x2d, A, seed if seed is not None else dummy, xa, scaling / (1.0 - p), p, flags["COMPUTE_F32"])
     if decode:
         _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y, blocksize, nested)
         return y, xa
