@@ -517,10 +517,16 @@ def online_grad_kernel(x_ptr, w_ptr, o_ptr, part_ptr, stats_ptr, limit_ptr, limi
             m_old = tl.full((BM,), float("-inf"), tl.float32)
         else:
             m_old = tl.load(old)
-        m_new = m_old
-        for t0 in range(0, n_tiles, NT_STEP):   # NT_STEP tiles at a time: few registers before the K-loop
+        # the slice's max: NT_STEP tiles at a time (few registers before the K-loop), an elementwise running max
+        # reduced once after the loop (the same value: a max is exact in any order). A row max carried by the
+        # loop instead, i.e. m = max(m, tl.max(load)) from a constant -inf (FIRST) and used more than once after
+        # it, crashes triton 3.6's OptimizeThreadLocality pass (assertion `loopResult.hasOneUse()`) wherever the
+        # partials' loads vectorize, i.e. n_tiles % 16 == 0 at launch (a full 8192-column slice: 64 tiles)
+        m_tiles = tl.full((BM, NT_STEP), float("-inf"), tl.float32)
+        for t0 in range(0, n_tiles, NT_STEP):
             tmask = row_ok[:, None] & (t0 + t[None, :] < n_tiles)
-            m_new = tl.maximum(m_new, tl.max(tl.load(part_row + t0 + t[None, :], mask=tmask, other=float("-inf")), 1))
+            m_tiles = tl.maximum(m_tiles, tl.load(part_row + t0 + t[None, :], mask=tmask, other=float("-inf")))
+        m_new = tl.maximum(m_old, tl.max(m_tiles, 1))
         ref = _finite_or_zero(m_new)
         # a row whose max so far is -inf has l = 0 and O = 0 (every term was exp(-inf))
         alpha = tl.where(m_old == float("-inf"), 0.0, tl.exp(m_old - ref))

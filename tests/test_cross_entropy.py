@@ -896,29 +896,36 @@ def _mm_cases():
 
 
 def _online_cases(arch):
-    """The online linear cross-entropy's three kernels as launched for bf16; the gradient GEMM with and
-    without softcap (its own tile)."""
+    """The online linear cross-entropy's three kernels as launched for bf16: the gradient GEMM on its 128-row
+    tile and on its 64-row one (softcap, or few rows: the benchmark's 8 MB chunk), each for the first slice
+    (FIRST, src = 0) and a later one (src = 1, which triton turns into a constant at launch). The integers are
+    specialized as at launch on a real vocabulary: a full 8192-column slice has n_tiles = 64 (a multiple of
+    16, so the partials' loads vectorize), the first chunk starts at limit_offset = 0 (divisible by 16 too).
+    With n_tiles typed as a plain i32 triton 3.6 compiled the FIRST gradient GEMM, and crashed on it at launch."""
     mod = "qlora_kernels.kernels.cross_entropy"
     cases = []
     grad_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "o_ptr": "*fp32", "part_ptr": "*fp32", "stats_ptr": "*fp32",
                 "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32", "H": "i32", "v0": "i32", "ns": "i32",
                 "n_tiles": "i32", "src": "i32", "stride_xm": "i64", "stride_wv": "i64", "stride_om": "i64",
                 "softcap": "fp32"}
-    grad_consts = {"FIRST": False, "COMPUTE_GRAD": True, "EVEN_K": True, "NT_STEP": 8}
+    grad_consts = {"COMPUTE_GRAD": True, "EVEN_K": True, "NT_STEP": 8}
+    first, later = dict(FIRST=True), dict(FIRST=False, src=1)
     for kernel, table, sig, consts, softcap in (
         ("online_logits_kernel", ONLINE_LOGITS_CONFIGS,
          {"h_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "x_ptr": "*bf16", "part_ptr": "*fp32",
           "rows_ptr": "*i64", "labels_ptr": "*i64", "limit_ptr": "*i32", "limit_offset": "i64", "M": "i32",
           "H": "i32", "V": "i32", "v0": "i32", "ns": "i32", "n_tiles": "i32", "stride_hm": "i64", "stride_wv": "i64",
           "stride_xm": "i64", "softcap": "fp32"}, {"HAS_BIAS": True, "ROUND": True}, True),
-        ("online_grad_kernel", ONLINE_GRAD_CONFIGS, dict(grad_sig), grad_consts, False),
-        ("online_grad_kernel", ONLINE_GRAD_NARROW_CONFIGS, dict(grad_sig), grad_consts, True)):
+        *(("online_grad_kernel", table, dict(grad_sig), {**step, **grad_consts}, softcap)
+          for table, softcap in ((ONLINE_GRAD_CONFIGS, False), (ONLINE_GRAD_NARROW_CONFIGS, True),
+                                 (ONLINE_GRAD_NARROW_CONFIGS, False))
+          for step in (first, later))):
         cfg = dict(table[arch // 10])
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         consts = {**consts, "HAS_SOFTCAP": softcap, "UPCAST": False, "IEEE": False, **cfg}
         sig.update(dict.fromkeys(consts, "constexpr"))
-        aligned = tuple(n for n, t in sig.items()
-                        if t.startswith("*") or n in ("M", "H", "v0", "ns") or n.startswith("stride"))
+        aligned = tuple(n for n, t in sig.items() if t != "constexpr" and (t.startswith("*") or n.startswith("stride")
+                        or n in ("limit_offset", "M", "H", "v0", "ns", "n_tiles", "src")))
         cases.append(CompileCase(mod, kernel, sig, consts, num_warps=warps, num_stages=stages, aligned=aligned))
     sig = {"o_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "colsum_ptr": "*fp32", "labels_ptr": "*i64",
            "rows_ptr": "*i64", "grad_ptr": "*bf16", "loss_ptr": "*fp32", "gscale_ptr": "*fp32",
