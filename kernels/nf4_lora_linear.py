@@ -162,7 +162,7 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
 
     Computed transposed, y.T tile (BN, BM) = W tile (BN, BK) @ x tile.T: the dequantized weight is the
     left operand, which wgmma (sm_90) and mma.sync read from registers, so it never goes through shared
-    memory; x tiles stream through shared memory. The LoRA term runs first, as K-steps of width BK over r,
+    memory; x tiles stream through shared memory. The LoRA term runs last, as K-steps of width BK over r,
     into the same accumulator.
     """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
@@ -171,7 +171,19 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
     mmask = rm < M
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BN, BM), tl.float32)
-    if HAS_LORA:   # first: the main loop then runs with only the accumulator live
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
+        w = nf4_tile(packed_ptr, absmax_ptr, rn, k0, N, K,
+                     BN, BK, BLOCKSIZE, PRMT)
+        if COMPUTE_F32:
+            acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc)
+    # the LoRA term after the main loop, not before: a main loop entered with an accumulator that the LoRA loop
+    # left made ptxas serialize every wgmma (C7515: a wait for completion after each one, no overlap of the
+    # dequantization with the tensor cores); started from zeros, one wgmma stays in flight
+    if HAS_LORA:
         for r0 in range(0, R, BK):
             rr = r0 + tl.arange(0, BK)
             rmask = rr < R
@@ -183,15 +195,6 @@ def nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, xa_ptr, b_ptr, bias_ptr, 
                 acc = tl.dot(bt.to(tl.float32), tl.trans(xa.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(bt.to(x_ptr.dtype.element_ty), tl.trans(xa.to(x_ptr.dtype.element_ty)), acc)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
-        w = nf4_tile(packed_ptr, absmax_ptr, rn, k0, N, K,
-                     BN, BK, BLOCKSIZE, PRMT)
-        if COMPUTE_F32:
-            acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
     # back to (BM, BN) before the store, so that a thread writes contiguous runs of a row of y

@@ -148,7 +148,9 @@ def _compile_here(case: CompileCase, arch: int) -> dict:
             "hgmma": sass.count("HGMMA"), "hgmma_reg_a": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),
             "hmma": sass.count("HMMA"), "prmt": len(re.findall(r"\bPRMT\b", sass)),
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
-            "mma_loop": mma_loop_instructions(sass)}
+            "mma_loop": mma_loop_instructions(sass),
+            # ptxas's C7515 note: every wgmma waits for its own completion (no tensor-core overlap)
+            "wgmma_serialized": "wgmma.mma_async instructions are serialized" in verbose}
 
 
 def _kernel_module(name):
@@ -183,7 +185,8 @@ def compile_for_gpu(cases, archs=(80, 90)) -> list:
     """Compile every case for every arch; a list of resource reports (dicts): registers, spill_bytes (ptxas
     spill stores + loads), stack, local, shared (bytes), hgmma / hmma (tensor-core instructions in the SASS;
     hgmma_reg_a: wgmma reading its A operand from registers), prmt (byte permutes), instructions (static
-    SASS count) and mma_loop (instructions in the MMA K-loop, see mma_loop_instructions).
+    SASS count), mma_loop (instructions in the MMA K-loop, see mma_loop_instructions) and wgmma_serialized
+    (ptxas serialized the wgmmas: each waits for its own completion).
 
     Under TRITON_INTERPRET=1 the kernels in this process are interpreted objects, so the compile runs
     in a child process without it.
