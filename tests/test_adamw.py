@@ -685,3 +685,37 @@ def test_plan_built_once_for_an_unchanged_param_set(device, backend, monkeypatch
     opt.step()
     opt.step()
     assert len(builds) == 2 and kept is not None
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_load_state_dict_releases_the_replaced_state(device, backend):
+    """load_state_dict drops the cached plan; the objects the plan key keeps alive (`_plan_refs`: the old state
+    dicts and moments) must go with it, not linger until the next step (a second set of fp32 moments)."""
+    import gc
+    import weakref
+    params = _params(device)
+    opt = FusedAdamW(params, lr=1e-2, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    old = [weakref.ref(t) for s in opt.state.values() for t in s.values()]
+    opt.load_state_dict(opt.state_dict())
+    gc.collect()
+    assert not any(r() is not None for r in old)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_param_moved_between_groups_rebuilds_the_plan(device, backend):
+    """A param moved from one group's list to another's (the flat param order unchanged) takes its new group's
+    hyperparameters at the next step: here lr 0, so it must not move."""
+    params = _params(device)
+    opt = FusedAdamW([dict(params=params[:2]), dict(params=params[2:], lr=0.0, weight_decay=0.0)], lr=1e-2,
+                     backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    opt.param_groups[1]["params"].insert(0, opt.param_groups[0]["params"].pop())
+    moved = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), moved)

@@ -79,7 +79,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        self._plan_key, self._plan = None, None
+        self._plan_key = self._plan = self._plan_refs = None
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
@@ -101,7 +101,7 @@ class FusedAdamW(torch.optim.Optimizer):
         group = {**self.defaults, **param_group}   # checked before it is added: a refused group is not kept
         _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         super().add_param_group(param_group)
-        self._plan_key = self._plan = None
+        self._plan_key = self._plan = self._plan_refs = None
 
     # what torch's Optimizer pickles (defaults, state, param_groups) plus this optimizer's own settings and
     # counters, so a deepcopy or an unpickled FusedAdamW steps like the original
@@ -118,7 +118,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
-        self._plan_key = self._plan = None
+        self._plan_key = self._plan = self._plan_refs = None
 
     def state_dict(self):
         """torch AdamW's state dict, plus this optimizer's step counters under "fused_adamw" (torch ignores
@@ -169,7 +169,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
             self._seed, self._host_steps = int(extra["seed"]), int(extra["host_steps"])
-        self._plan_key = self._plan = None
+        self._plan_key = self._plan = self._plan_refs = None   # the refs hold the replaced state dicts and moments
         for hook in post.values():
             hook(self)
 
@@ -306,7 +306,10 @@ class FusedAdamW(torch.optim.Optimizer):
             layout = tuple(map(_STRIDE, grads)) if not all(map(_IS_CONTIGUOUS, grads)) else len(grads)
             values = list(state.values())
             objects = [*groups, *params, state, *state, *values, *_chain(map(dict.values, values))]
-            key = (tuple(map(_AMSGRAD, groups)), tuple(map(len, values)), tuple(map(id, objects)),
+            # per-group param counts: with the flat order they fix which group each param is in (a param moved
+            # from one group's list to the next keeps the flat order and every id)
+            key = (tuple(map(_AMSGRAD, groups)), tuple(map(len, map(_PARAMS, groups))), tuple(map(len, values)),
+                   tuple(map(id, objects)),
                    tuple(map(_DATA_PTR, params)), grad_ptrs, missing, layout)
         except (TypeError, RuntimeError, KeyError, AttributeError):
             return None
