@@ -38,16 +38,14 @@ FWD_SMALL_M_CONFIGS = [
     dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
     dict(BM=16, BN=32, BK=128, GROUP_M=1, num_warps=4, num_stages=4),
 ]
-# Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN. The
-# weight tile goes through shared memory here: the transposed form (weight as the register operand, as in the
-# forward) was compiled and issues more per K-step at 128 x 128 (295 vs 272, PRMT lookup), and its 256-row
-# tile spills 680+ bytes around the dropout mask of the LoRA term. 256 rows x 64 columns fit (the mask is
-# half the size): issue / wgmma cycles per K-step 1.05 (PRMT) / 1.54 (select) at BN = 64, 1.36 / 1.84 at
-# BN = 32, against 1.77 / 2.74 for 128 x 128 x 32.
+# Input gradient: output tile (BM, BK) over in_features, reduction over out_features in steps of BN, computed
+# transposed with the dequantized weight as wgmma's register operand (see nf4_lora_dx_kernel). sm_90, triton
+# 3.9, PRMT: 256 x 64 x 64 at 8 warps: 255 registers, 349 instructions per K-step for 1 M MACs, the wgmmas
+# pipelined; 128 x 64 x 64: 193 registers, 325 per half the MACs (more programs when M is small). 128 x 128 x
+# 32 made ptxas serialize the wgmmas (the LoRA dot), 256 x 128 x 32 spilled 1.8 KB, 128 x 64 x 64 at 4 warps 76 B.
 DX_CONFIGS = [
     dict(BM=256, BK=64, BN=64, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BM=256, BK=64, BN=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BM=128, BK=128, BN=32, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BM=128, BK=64, BN=64, GROUP_M=8, num_warps=8, num_stages=3),
 ]
 # Interpreter: one big tile (cost follows the number of programs; multi-config autotune cannot run there).
 INTERPRET_FWD = dict(BM=128, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=1)
@@ -212,6 +210,11 @@ def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, d
     """dx (M, K) = dy @ dequant(W) + keep * (g @ A); g (M, R) contiguous, dx contiguous.
 
     The weight is read as (BN, BK) tiles along out_features: the same dequantization, other orientation.
+    Computed transposed, dx.T tile (BK, BM) = W.T tile (BK, BN) @ dy tile.T, so that the dequantized weight is
+    wgmma's register operand as in the forward: through shared memory (one buffer, rewritten every step) each
+    wgmma had to finish before the next tile was stored, and none overlapped the dequantization. The LoRA term
+    last, in its own accumulator (the dropout mask applies to it alone): before the main loop, the
+    accumulator it left made ptxas serialize every wgmma (C7515).
     """
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -219,32 +222,35 @@ def nf4_lora_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, g_ptr, a_ptr, seed_ptr, d
     mmask = rm < M
     kmask = rk < K
     dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
-    acc = tl.zeros((BM, BK), tl.float32)
-    if HAS_LORA:   # first, so that one accumulator is live: keep * (g @ A), then += dy @ W
-        for r0 in range(0, R, BR):
-            rr = r0 + tl.arange(0, BR)
-            rmask = rr < R
-            g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mmask[:, None] & rmask[None, :],
-                        other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            if COMPUTE_F32:
-                acc = tl.dot(g.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(g.to(dy_ptr.dtype.element_ty), a.to(dy_ptr.dtype.element_ty), acc)
-        if HAS_DROPOUT:
-            quad = rm[:, None] * (K // 4) + (pid_k * (BK // 4) + tl.arange(0, BK // 4))[None, :]
-            acc = tl.where(keep_mask(tl.load(seed_ptr), quad, p), acc, 0.0)
+    acc = tl.zeros((BK, BM), tl.float32)
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         dy = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mmask[:, None] & (rn < N)[None, :], other=0.0)
         w = nf4_tile(packed_ptr, absmax_ptr, rn, pid_k * BK, N, K,
                      BN, BK, BLOCKSIZE, PRMT)
         if COMPUTE_F32:
-            acc = tl.dot(dy.to(tl.float32), w, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(w), tl.trans(dy.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc)
-    _store_out(dx_ptr, rm.to(tl.int64)[:, None] * K + rk[None, :], mmask[:, None] & kmask[None, :], acc,
+            acc = tl.dot(tl.trans(w.to(dy_ptr.dtype.element_ty)), tl.trans(dy), acc)
+    if HAS_LORA:
+        lora = tl.zeros((BK, BM), tl.float32)
+        for r0 in range(0, R, BR):
+            rr = r0 + tl.arange(0, BR)
+            rmask = rr < R
+            gt = tl.load(g_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None], mask=rmask[:, None] & mmask[None, :],
+                         other=0.0)
+            at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+                         mask=kmask[:, None] & rmask[None, :], other=0.0)
+            if COMPUTE_F32:
+                lora = tl.dot(at.to(tl.float32), gt.to(tl.float32), lora, input_precision="ieee")
+            else:
+                lora = tl.dot(at.to(dy_ptr.dtype.element_ty), gt.to(dy_ptr.dtype.element_ty), lora)
+        if HAS_DROPOUT:
+            quad = rm[:, None] * (K // 4) + (pid_k * (BK // 4) + tl.arange(0, BK // 4))[None, :]
+            lora = tl.where(tl.trans(keep_mask(tl.load(seed_ptr), quad, p)), lora, 0.0)
+        acc += lora
+    # back to (BM, BK) before the store, so that a thread writes contiguous runs of a row of dx
+    _store_out(dx_ptr, rm.to(tl.int64)[:, None] * K + rk[None, :], mmask[:, None] & kmask[None, :], tl.trans(acc),
                OUT_BF16_BITS)
 
 

@@ -517,8 +517,10 @@ def test_gpu_compile_no_spills_tensor_cores():
     reports = (compile_for_gpu(gemm + other + prmt, archs=(90,))
                + compile_for_gpu(gemm[:1] + gemm[-1:] + prmt[:1], archs=(80,)))
     labels = [c.label() for c in gemm + prmt[:len(gemm)]]
-    # the forward's dequantized weight tile is wgmma's register operand: it never goes through shared memory
-    forward = [c.label() for c in gemm + other + prmt if c.kernel == "nf4_lora_fwd_kernel" and c.constexprs["BN"] >= 64]
+    # the dequantized weight tile is wgmma's register operand (forward and input gradient): it never goes through
+    # shared memory
+    forward = [c.label() for c in gemm + other + prmt
+               if c.kernel == "nf4_lora_dx_kernel" or (c.kernel == "nf4_lora_fwd_kernel" and c.constexprs["BN"] >= 64)]
     by_label = {(r["label"], r["arch"], r["triton"]): r for r in reports}
     for rep in reports:
         print(rep)
@@ -527,7 +529,7 @@ def test_gpu_compile_no_spills_tensor_cores():
             assert (rep["hgmma"] > 0) if rep["arch"] == 90 else (rep["hmma"] > 0), f"no tensor cores: {rep}"
         if rep["label"] in forward and rep["arch"] == 90:
             assert rep["hgmma_reg_a"] > 0, f"weight not fed from registers: {rep}"
-            # the LoRA loop before the main loop had made ptxas serialize every wgmma of the forward tiles
+            # the LoRA loop before the main loop had made ptxas serialize every wgmma of the GEMM tiles
             assert not rep["wgmma_serialized"], f"wgmmas serialized (ptxas C7515): {rep}"
     # the byte-permute lookup must shrink the K-loop (the select tree is ~19 instructions per value)
     for case in prmt:
