@@ -66,7 +66,9 @@ def lora_down_num_warps(br):
 
 
 def lora_down_block_k(br):
-    return LORA_DOWN_BK if br <= 64 else 32   # BR = 256 with BK = 64 spills under triton 3.6 (any warps)
+    """BR = 256 with BK = 64 spills under triton 3.6 (any warps); at BK = 32 (two wgmmas a step) ptxas serialized
+    every wgmma of the kernel (C7515, the dropped x tile feeding both); one k16 wgmma a step is pipelined."""
+    return LORA_DOWN_BK if br <= 64 else 16
 
 
 def lora_down_block_m(M):

@@ -948,6 +948,7 @@ def test_compiles_for_gpu_without_spills():
     print("\n".join(str(r) for r in reports))
     for r in reports:
         assert_no_spills(r)
+        assert not r["wgmma_serialized"], f"wgmmas serialized (ptxas C7515): {r}"
     gemms = [r for r in reports if r["label"].startswith(("bounded_matmul", "online_logits", "online_grad"))]
     assert all(r["hgmma"] > 0 for r in gemms if r["arch"] == 90), gemms
     assert all(r["hmma"] > 0 for r in gemms if r["arch"] == 80), gemms

@@ -525,12 +525,12 @@ def test_gpu_compile_no_spills_tensor_cores():
     for rep in reports:
         print(rep)
         assert_no_spills(rep)
+        # ptxas serializing the wgmmas (C7515) costs the overlap of the tensor cores with everything else
+        assert not rep["wgmma_serialized"], f"wgmmas serialized (ptxas C7515): {rep}"
         if rep["label"] in labels:
             assert (rep["hgmma"] > 0) if rep["arch"] == 90 else (rep["hmma"] > 0), f"no tensor cores: {rep}"
         if rep["label"] in forward and rep["arch"] == 90:
             assert rep["hgmma_reg_a"] > 0, f"weight not fed from registers: {rep}"
-            # the LoRA loop before the main loop had made ptxas serialize every wgmma of the GEMM tiles
-            assert not rep["wgmma_serialized"], f"wgmmas serialized (ptxas C7515): {rep}"
     # the byte-permute lookup must shrink the K-loop (the select tree is ~19 instructions per value)
     for case in prmt:
         select = dict(case.constexprs, PRMT=False)
