@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from qlora_kernels.ops.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from qlora_kernels.ops.cross_entropy import (LabelledCountHint, count_hint, fused_cross_entropy,
+                                             fused_linear_cross_entropy)
 
 COMPILE_BUDGET_S = 45.0
 
@@ -155,9 +156,14 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
             labels = _labels(N, V, frac, dev)
             n_lab = round(frac * N)
             flops = 4.0 * n_lab * H * V
-            def ours(chunk_bytes=128 << 20):
+            # as patch_model calls it: the labelled count's copy to the host started before the model's forward,
+            # so the chunks know their live rows (cuBLAS GEMMs on exactly those); "[no hint]": counted in the op
+            hint = LabelledCountHint(labels, -100)
+
+            def ours(chunk_bytes=128 << 20, hinted=True):
                 h.grad = None
-                fused_linear_cross_entropy(h, w, labels, chunk_bytes=chunk_bytes).backward()
+                with count_hint(hint if hinted else None):
+                    fused_linear_cross_entropy(h, w, labels, chunk_bytes=chunk_bytes).backward()
 
             def liger_fn():
                 h.grad = None
@@ -187,6 +193,9 @@ def bench_linear(rows, args, dev, dtype, shapes, V, H):
                 # (1024, V) bf16 logits chunk alone is 263 MB)
                 online = {"QLORA_KERNELS_CE_LINEAR": "online"}
                 providers.append(("ours[online 8MB]", _with_env(online, lambda: ours(8 << 20))))
+                # the GEMMs by the Triton kernel bounded on the device (the default's path until the count lands)
+                providers.append(("ours[triton gemm]", _with_env({"QLORA_KERNELS_CE_GEMM": "triton"}, ours)))
+                providers.append(("ours[no hint]", lambda: ours(hinted=False)))
                 # the same op with torch._grouped_mm (CUTLASS) for its two GEMMs
                 providers.append(("ours[grouped gemm]", _with_env({"QLORA_KERNELS_CE_GEMM": "grouped"}, ours)))
                 providers.append(("ours[online]", _with_env(online, ours)))

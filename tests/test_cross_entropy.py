@@ -438,6 +438,24 @@ def test_linear_grouped_gemms(frac, frozen, device, monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("frozen,bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("frac", [1.0, 0.03])
+def test_linear_cublas_gemms(frac, frozen, bias, device, monkeypatch):
+    """QLORA_KERNELS_CE_GEMM=cublas (CUDA's default, "auto"): chunks whose live rows are known on the host run
+    the logits and input-gradient GEMMs through torch.mm on exactly those rows; several chunks, one partly
+    labelled; the weight and bias gradients stay on the bounded Triton kernels. The GEMMs must have run by
+    torch (the count of a CPU tensor is known at once), not the Triton kernel."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    mms = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: mms.append(a[0].shape) or real_mm(*a, **k))
+    _check_linear(72, 64, 1024, frac, dtype, "triton", device, frozen=frozen, bias=bias, chunk_bytes=16 * 1024 * 4)
+    if device == "cpu":
+        assert mms and max(shape[0] for shape in mms) <= 16   # chunks of 16 rows, the live ones only
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
 @pytest.mark.parametrize("frac", [1.0, 0.03])
 def test_linear_row_mode(frac, device, monkeypatch):
     """QLORA_KERNELS_CE_MODE=row in the linear variant (a benchmark candidate there): several chunks, one
@@ -594,7 +612,7 @@ def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
 
 
 def test_linear_gemm_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cutlass")
     with pytest.raises(ValueError, match="QLORA_KERNELS_CE_GEMM"):
         ops._grouped_gemms(torch.empty(1, 8), torch.empty(8, 8), None)
 
