@@ -585,6 +585,8 @@ def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
     """A LabelledCountHint made before the op (patch_model makes one before the model's forward) stops the
     chunk loop at the count even while the op's own host copy has not landed (simulated: it never does);
     a hint for other labels, or for labels changed in place since, is ignored. Results stay right."""
+    # the Triton GEMMs (counted below): with CUDA's default ("auto") a landed hint sends the chunk to cuBLAS
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "triton")
     n, H, V, budget = 72, 32, 1000, 16 * 1000 * 4     # 9 labelled rows: 1 live chunk of 5
     h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 8
     y = _labels(n, V, 0.125, device=device)
@@ -609,6 +611,31 @@ def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
     assert chunks(y.clone()) == 5
     y.add_(0)   # same values, a new version: the hint no longer vouches for them
     assert chunks(y) == 5
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_linear_hint_overstating_the_count_leaves_gradients_right(gemm, device, monkeypatch):
+    """A hint whose host count overstates the op's device count (its labels lost labelled rows through .data,
+    which keeps the version the hint is keyed on): the cuBLAS chunk then covers compacted positions past the
+    device count (they hold row 0); the kernels ignore them and their input-gradient rows must go nowhere,
+    not into row 0 of the gradient."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
+    n, H, V, budget = 48, 16, 200, 8 * 200 * 4
+    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 4
+    y = _labels(n, V, 0.625, device=device)
+    hint = ops.LabelledCountHint(y, -100)
+    version = y._version
+    y.data[torch.nonzero(y != -100)[:10, 0]] = -100
+    assert y._version == version
+    hl, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
+    with ops.count_hint(hint):
+        loss = fused_linear_cross_entropy(hl, w, y, chunk_bytes=budget, backend="triton")
+    loss.backward()
+    expected = F.cross_entropy(hr @ w.t(), y)
+    expected.backward()
+    assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-5, msg="loss")
+    assert_close(hl.grad, hr.grad, atol=1e-6, rtol=1e-4, msg="grad hidden")
 
 
 def test_linear_gemm_setting_is_checked(monkeypatch):
@@ -645,9 +672,11 @@ def _record_linear_call(device, n, H, V, budget):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
-def test_linear_allocates_no_hidden_sized_copies(device):
+def test_linear_allocates_no_hidden_sized_copies(device, monkeypatch):
     """The device path reads the labelled rows of hidden and writes their gradient rows through an index:
-    beyond the (N, H) gradient it returns, its only large buffer is the (rows, V) logits chunk."""
+    beyond the (N, H) gradient it returns, its only large buffer is the (rows, V) logits chunk (the Triton
+    GEMMs: on CUDA "auto" would take cuBLAS, whose out= results the recorder lists, once the count lands)."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "triton")
     n, H, V, budget = 256, 64, 1000, 8 * 1000 * 4
     rec, h, w, labels, loss, grad_h = _record_linear_call(device, n, H, V, budget)
     large = [s for s in rec.shapes if len(s) == 2 and s[0] * s[1] >= n * H // 4]

@@ -612,8 +612,10 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     cublas = not grouped and _cublas_gemms(h)
     buf = None if grouped else _alloc_chunk(R, V, h.dtype, dev)   # grouped: each chunk's GEMM output
     lse_c = torch.empty(N, dtype=torch.float32, device=dev)
-    # unlabelled rows stay 0; the grouped path scatters whole chunks, its dead rows into the extra row N
-    grad_h = torch.zeros((N + grouped, H), dtype=h.dtype, device=dev) if need_h else None
+    # unlabelled rows stay 0; the grouped and cuBLAS paths scatter whole chunks, their dead rows into the extra row N
+    # (cuBLAS: rows past the device count when a count hint's host value overstates it, e.g. labels changed
+    # through .data or a DLPack view, which keeps their version: never let them overwrite row idx = 0)
+    grad_h = torch.zeros((N + (grouped or cublas), H), dtype=h.dtype, device=dev) if need_h else None
     grad_w = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_w else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     compute_grad = need_h or need_w or need_b
@@ -639,8 +641,8 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
         _ce_launch(lg, lab_c[s:s + r], loss_c[s:s + r], lse_c[s:s + r], lg if compute_grad else None, count,
                    None if gs_c is None else gs_c[s:s + r], ignore_index=ignore_index, smoothing=smoothing,
                    z_loss=z_loss, softcap=softcap, mean=mean, write_ignored=False)
-        if need_h and live is not None:
-            grad_h.index_copy_(0, rows, torch.mm(lg, w))
+        if need_h and live is not None:   # through back: compacted positions past the device count -> row N
+            grad_h.index_copy_(0, back[s:s + r], torch.mm(lg, w))
         elif need_h and grouped:
             grad_h.index_copy_(0, back[s:s + r], torch._grouped_mm(lg, w[None], offs=n_live))
         elif need_h:
