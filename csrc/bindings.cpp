@@ -151,6 +151,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_quantize_cuda", &qlora_kernels::nf4_quantize_cuda_binding, "NF4 quantize (CUDA)");
   m.def("nf4_dequantize_cuda", &qlora_kernels::nf4_dequantize_cuda_binding, "NF4 dequantize (CUDA)");
   m.def("nf4_lora_gemv_cuda", &qlora_kernels::nf4_lora_gemv_cuda_binding, "NF4 + LoRA linear, one token (CUDA)");
+  m.def("nf4_lora_gemv_cuda_has_image", [](int64_t device) {
+    return qlora_kernels::nf4_lora_gemv_cuda_has_image(static_cast<int>(device));
+  }, "whether the one-token CUDA kernel was built for this device's architecture");
   m.def("cross_entropy_cluster_cuda", &qlora_kernels::cross_entropy_cluster_cuda_binding,
         "cross-entropy, one row per thread-block cluster (CUDA, sm_90+)");
 #endif

@@ -30,6 +30,10 @@ const char* nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void*
                                void* y, FloatType dtype, int64_t n_out, int64_t k, int64_t blocksize,
                                int64_t nested_blocksize, void* stream);
 
+// Whether this build holds code of the decode kernel that runs on `device` (its archs: QLORA_KERNELS_CUDA_ARCHS
+// at install time, SASS only): the default decode path asks before taking it (e.g. no image for sm_100).
+bool nf4_lora_gemv_cuda_has_image(int device);
+
 // Cross-entropy of rows of logits (n_rows, V) at stride_row, one row per cluster of up to 8 CTAs (sm_90+):
 // loss and lse (n_rows,) fp32, and when grad is not null the gradient of the summed loss (times
 // 1 / max(*count, 1) when mean) into grad (may equal logits) at grad_stride_row; ignored rows get loss 0,

@@ -561,3 +561,18 @@ def test_lora_down_splits_k_only_when_tiles_are_few():
     for tiles, blocks, programs in ((1, 7, 4), (3, 10, 8), (2, 5, 264)):
         splits, per = K.lora_down_splits(tiles, blocks, programs)
         assert (splits - 1) * per < blocks <= splits * per
+
+
+def test_auto_decode_needs_the_kernel_for_the_device(monkeypatch):
+    """QLORA_KERNELS_DECODE=auto takes the CUDA decode kernel only where the build holds code for the device
+    (a card newer than QLORA_KERNELS_CUDA_ARCHS keeps the Triton tile); "cuda" insists."""
+    from types import SimpleNamespace
+    x = SimpleNamespace(is_cuda=True, shape=(1, 64), device=SimpleNamespace(index=0))
+    native = SimpleNamespace(with_cuda=True, nf4_lora_gemv_cuda_has_image=lambda device: False)
+    monkeypatch.setattr(_backend, "native", lambda: native)
+    for has_image, decode, expected in ((False, "auto", False), (True, "auto", True), (False, "cuda", True)):
+        native.nf4_lora_gemv_cuda_has_image = lambda device, has_image=has_image: has_image
+        ops._decode_image.cache_clear()
+        monkeypatch.setenv("QLORA_KERNELS_DECODE", decode)
+        assert ops.cuda_decode(x, 64, 256) is expected, (has_image, decode)
+    ops._decode_image.cache_clear()

@@ -168,12 +168,20 @@ def _r_block(r):
     return max(16, _backend.next_power_of_2(r))
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_image(device_index):
+    """Whether the extension holds the decode kernel for this device (asked once per device)."""
+    has_image = getattr(_backend.native(), "nf4_lora_gemv_cuda_has_image", None)
+    return has_image is not None and has_image(device_index)
+
+
 def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
     instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup).
     QLORA_KERNELS_DECODE=auto (the default) takes it where the extension was built with CUDA: the H100 run of
-    2026-11-27 measured it 1.1-1.5x faster than the Triton tile (1.5-1.8x replayed from a CUDA graph). "cuda"
-    insists (an error names a missing CUDA build), "triton" never takes it. It needs in_features % 32 == 0,
+    2026-11-27 measured it 1.1-1.5x faster than the Triton tile (1.5-1.8x replayed from a CUDA graph), and on a
+    device the build has code for (its QLORA_KERNELS_CUDA_ARCHS). "cuda" insists (an error names a missing
+    CUDA build), "triton" never takes it. It needs in_features % 32 == 0,
     a multiple of the power-of-two block size (the kernel indexes one row's scales), and a power-of-two nested
     block size; other shapes keep the Triton kernel."""
     decode = os.environ.get("QLORA_KERNELS_DECODE", "auto")
@@ -185,6 +193,8 @@ def cuda_decode(x2d, blocksize, nested):
         if decode == "auto":
             return False
         raise RuntimeError("QLORA_KERNELS_DECODE=cuda needs qlora_kernels._C built with CUDA (nvcc at install time)")
+    if decode == "auto" and not _decode_image(x2d.device.index):   # e.g. a card newer than the build's archs
+        return False
     power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
     return (x2d.shape[1] % 32 == 0 and blocksize >= 32 and power_of_two(blocksize)
             and x2d.shape[1] % blocksize == 0 and (nested is None or power_of_two(nested)))
