@@ -23,7 +23,8 @@ def prmt_lookup(t: torch.Tensor) -> bool:
     lookup = os.environ.get("QLORA_KERNELS_NF4_LOOKUP", "prmt")
     if lookup not in LOOKUPS:
         raise ValueError(f"QLORA_KERNELS_NF4_LOOKUP={lookup!r}: expected one of {LOOKUPS}")
-    return lookup == "prmt" and t.is_cuda and not _backend.interpreting()
+    # inline PTX: NVIDIA only (a ROCm torch also answers is_cuda)
+    return lookup == "prmt" and t.is_cuda and torch.version.hip is None and not _backend.interpreting()
 
 
 @functools.lru_cache(maxsize=None)
