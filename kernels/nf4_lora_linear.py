@@ -76,18 +76,6 @@ def lora_down_block_m(M):
     return 16 if M <= 16 else LORA_DOWN_BM
 
 
-def lora_down_splits(tiles, k_blocks, programs):
-    """(splits, BK-blocks per split) of the K loop so that tiles x splits reaches `programs`: the one-token
-    pre-pass was one program walking all of K (64 dependent steps at K = 4096, ~0.1 ms, 10x the decode kernel
-    it feeds); at training M the tiles alone fill the GPU and it stays one split."""
-    per_split = _cdiv(k_blocks, min(k_blocks, max(1, _cdiv(programs, tiles))))
-    return _cdiv(k_blocks, per_split), per_split
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 @triton.jit
 def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
     """Grouped program order (GROUP_M row-tiles share each column of weight tiles in L2)."""

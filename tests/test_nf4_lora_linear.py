@@ -553,13 +553,12 @@ def test_gpu_compile_no_spills_tensor_cores():
 def test_lora_down_splits_k_only_when_tiles_are_few():
     """The x @ A.T pre-pass: one-token M spreads K over programs (each split a whole number of BK blocks, none
     empty), training M keeps one split; under the interpreter test_matches_reference runs both forms."""
-    from qlora_kernels.kernels import nf4_lora_linear as K
-    assert K.lora_down_splits(1, 64, 264) == (64, 1)         # M = 1, K = 4096 / 64: one block per program
-    assert K.lora_down_splits(64, 64, 264) == (5, 13)        # M = 4096: 64 tiles x 5 splits of 13 blocks
-    assert K.lora_down_splits(512, 64, 264) == (1, 64)       # M = 32768: the tiles fill the GPU
-    assert K.lora_down_splits(1, 3, 264) == (3, 1) and K.lora_down_splits(1, 2, 2) == (2, 1)
+    assert ops.lora_down_splits(1, 64, 264) == (64, 1)         # M = 1, K = 4096 / 64: one block per program
+    assert ops.lora_down_splits(64, 64, 264) == (5, 13)        # M = 4096: 64 tiles x 5 splits of 13 blocks
+    assert ops.lora_down_splits(512, 64, 264) == (1, 64)       # M = 32768: the tiles fill the GPU
+    assert ops.lora_down_splits(1, 3, 264) == (3, 1) and ops.lora_down_splits(1, 2, 2) == (2, 1)
     for tiles, blocks, programs in ((1, 7, 4), (3, 10, 8), (2, 5, 264)):
-        splits, per = K.lora_down_splits(tiles, blocks, programs)
+        splits, per = ops.lora_down_splits(tiles, blocks, programs)
         assert (splits - 1) * per < blocks <= splits * per
 
 

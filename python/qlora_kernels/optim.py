@@ -79,7 +79,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        self._plan_key = self._plan = self._plan_refs = None
+        self._drop_plan()
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
@@ -101,7 +101,7 @@ class FusedAdamW(torch.optim.Optimizer):
         group = {**self.defaults, **param_group}   # checked before it is added: a refused group is not kept
         _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         super().add_param_group(param_group)
-        self._plan_key = self._plan = self._plan_refs = None
+        self._drop_plan()
 
     # what torch's Optimizer pickles (defaults, state, param_groups) plus this optimizer's own settings and
     # counters, so a deepcopy or an unpickled FusedAdamW steps like the original
@@ -118,7 +118,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
-        self._plan_key = self._plan = self._plan_refs = None
+        self._drop_plan()
 
     def state_dict(self):
         """torch AdamW's state dict, plus this optimizer's step counters under "fused_adamw" (torch ignores
@@ -169,7 +169,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if extra is not None:
             self.skipped_steps.copy_(extra["skipped_steps"])
             self._seed, self._host_steps = int(extra["seed"]), int(extra["host_steps"])
-        self._plan_key = self._plan = self._plan_refs = None   # the refs hold the replaced state dicts and moments
+        self._drop_plan()   # its refs hold the replaced state dicts and moments
         for hook in post.values():
             hook(self)
 
@@ -267,6 +267,9 @@ class FusedAdamW(torch.optim.Optimizer):
         """The stochastic-rounding seed of one update launch: a new stream per step and per group (unit), since
         the kernels tell tensors apart only by their index within the launch."""
         return (self._seed + self._host_steps * 7919 + unit * 104729) % (2**31 - 1)
+
+    def _drop_plan(self):
+        self._plan_key = self._plan = self._plan_refs = None
 
     def _plans(self):
         """Per-device plans, rebuilt when a param or grad address changes, a grad appears, vanishes or is laid out

@@ -209,6 +209,14 @@ def _fwd_cuda_decode(x2d, packed, scales, absmax2, code2, offset, B, bias, xa, y
                            blocksize, nested)
 
 
+def lora_down_splits(tiles, k_blocks, programs):
+    """(splits, BK-blocks per split) of the pre-pass's K loop so that tiles x splits reaches `programs`: the
+    one-token pre-pass was one program walking all of K (64 dependent steps at K = 4096, ~0.1 ms, 10x the decode
+    kernel it feeds); at training M the tiles alone fill the GPU and it stays one split."""
+    per_split = _backend.cdiv(k_blocks, min(k_blocks, max(1, _backend.cdiv(programs, tiles))))
+    return _backend.cdiv(k_blocks, per_split), per_split
+
+
 def _lora_down(x2d, A, seed, xa, scale, p, compute_f32):
     """xa (M, r) = scale * dropout(x) @ A.T: (M / BM) x (r / BR) tiles, K split across programs when the tiles
     alone are too few for the GPU (decode), the partials then added by a second kernel."""
@@ -219,7 +227,7 @@ def _lora_down(x2d, A, seed, xa, scale, p, compute_f32):
               else (kernels.lora_down_block_m(M), kernels.lora_down_block_k(br)))
     tiles = (_backend.cdiv(M, bm), _backend.cdiv(r, br))
     programs = kernels.INTERPRET_LORA_DOWN_PROGRAMS if interp else 2 * _backend.num_sms(x2d.device)
-    splits, per_split = kernels.lora_down_splits(tiles[0] * tiles[1], _backend.cdiv(K, bk), programs)
+    splits, per_split = lora_down_splits(tiles[0] * tiles[1], _backend.cdiv(K, bk), programs)
     part = torch.empty((splits, M, r) if splits > 1 else (0,), dtype=torch.float32, device=x2d.device)
     kernels.lora_down_kernel[(*tiles, splits)](
         x2d, A, seed, xa, part, M, K, r, per_split * bk, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
