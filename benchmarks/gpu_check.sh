@@ -68,6 +68,12 @@ stage() { echo "== $(date +%T) $*"; }
       ${DEMO_STEPS:+--steps "$DEMO_STEPS"} > "$OUT/demo.log" 2>&1 || echo "demo FAILED or timed out"
     tail -15 "$OUT/demo.log"
   fi
+  if [ "${PROFILE:-0}" = 1 ]; then   # kernel tables of the cases that missed their predictions (before the
+    # suites, for the same reason as the demo): benchmarks/kernel_profile.py, cut at PROFILE_TIMEOUT
+    stage "kernel profile (limit ${PROFILE_TIMEOUT:-60} s)"
+    timeout "${PROFILE_TIMEOUT:-60}" python -m benchmarks.kernel_profile --out "$OUT" > "$OUT/kernel_profile.log" 2>&1 \
+      || { echo "FAILED or timed out:"; tail -5 "$OUT/kernel_profile.log"; }
+  fi
   # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds, or at
   # BENCH_TIMEOUT_<suite> (e.g. BENCH_TIMEOUT_e2e=300) where set; rows are saved as they come: a cut suite
   # leaves a table marked PARTIAL

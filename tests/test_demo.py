@@ -225,3 +225,21 @@ def test_model_whose_logits_are_not_the_head_output(tmp_path, capsys):
     err = capsys.readouterr().err       # transformers' loading bar may come first
     ours = [line for line in err.splitlines() if "qlora-kernels demo:" in line]
     assert len(ours) == 1 and "GraniteForCausalLM is not a supported causal LM" in ours[0], err
+
+
+def test_kernel_profile_quick(tmp_path, monkeypatch):
+    """benchmarks/kernel_profile.py (the GPU run's PROFILE=1 step) runs end to end on its CPU shapes: every case
+    has ours and the peer, and each provider's listed ops add up to at most its total."""
+    from benchmarks import kernel_profile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(sys, "argv", ["kernel_profile", "--quick", "--out", str(tmp_path)])
+    kernel_profile.main()
+    rows = json.loads((tmp_path / "kernel_profile.json").read_text())["rows"]
+    assert not [row for row in rows if "error" in row]
+    totals = {(row["case"], row["provider"]): row for row in rows if row["kernel"] == "(all ops)"}
+    assert len(totals) == 6 and len({case for case, _ in totals}) == 3
+    for (case, provider), total in totals.items():
+        parts = [row for row in rows if (row["case"], row["provider"]) == (case, provider) and row is not total]
+        assert parts and total["wall ms"] > 0
+        assert sum(row["us"] for row in parts) == pytest.approx(total["us"], rel=1e-6)
