@@ -156,6 +156,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "whether the one-token CUDA kernel was built for this device's architecture");
   m.def("cross_entropy_cluster_cuda", &qlora_kernels::cross_entropy_cluster_cuda_binding,
         "cross-entropy, one row per thread-block cluster (CUDA, sm_90+)");
+  m.def("cross_entropy_cluster_cuda_has_image", [](int64_t device) {
+    return qlora_kernels::cross_entropy_cluster_cuda_has_image(static_cast<int>(device));
+  }, "whether the cluster cross-entropy kernel was built for this device's architecture");
 #endif
   m.attr("with_cuda") =
 #ifdef WITH_CUDA

@@ -47,4 +47,8 @@ const char* cross_entropy_cluster_cuda(const void* logits, void* grad, FloatType
                                        float smoothing, float z_loss, float cap, bool mean, bool write_ignored,
                                        void* stream);
 
+// Whether this build holds code of the cluster kernel for `device` (an sm_80-only build, or a newer card, does
+// not: the Python side then keeps the split path).
+bool cross_entropy_cluster_cuda_has_image(int device);
+
 }  // namespace qlora_kernels

@@ -2,6 +2,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -38,6 +39,23 @@ __device__ __forceinline__ float block_scale(const void* scales, const float* ab
 inline const char* last_launch_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// Whether this build holds code of `kernel` that runs on `device` (the builds are SASS only, for the archs of
+// QLORA_KERNELS_CUDA_ARCHS at install time): the Python side asks before taking an optional CUDA path, so a newer
+// card keeps the Triton one. Host-side queries only; any error they set is cleared (the caller did not launch).
+template <typename Kernel>
+bool kernel_has_image(Kernel* kernel, int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attributes;
+  const bool found = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess;
+  cudaGetLastError();
+  cudaSetDevice(previous);
+  return found;
 }
 
 }  // namespace qlora_kernels

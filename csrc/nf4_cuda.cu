@@ -56,7 +56,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
   }
 }
 
-// Each thread expands 4 packed bytes (8 outputs); blocksize >= 32 keeps them in one scale block.
+// Each thread expands 4 packed bytes (8 outputs), read as one word (packed 4-byte aligned: the Python launcher
+// copies storage viewed at an odd offset); blocksize >= 32 keeps them in one scale block.
 template <typename T, bool kDoubleQuant>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const void* scales, const float* absmax2,
                                   const float* code2, const float* offset, int64_t n, int64_t blocksize,

@@ -188,16 +188,7 @@ const char* nf4_lora_gemv_cuda(const void* x, const uint8_t* packed, const void*
 }
 
 bool nf4_lora_gemv_cuda_has_image(int device) {
-  int previous = 0;
-  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the caller asked, it did not launch
-    return false;
-  }
-  cudaFuncAttributes attributes;
-  const bool found = cudaFuncGetAttributes(&attributes, nf4_lora_gemv_kernel<float, false>) == cudaSuccess;
-  cudaGetLastError();
-  cudaSetDevice(previous);
-  return found;
+  return kernel_has_image(nf4_lora_gemv_kernel<float, false>, device);
 }
 
 }  // namespace qlora_kernels

@@ -822,6 +822,14 @@ def test_cluster_kernel_cuda(dtype, monkeypatch):
         assert ops.cluster_ce(logits, logits)
         for opts in OPTIONS:
             _check_ce(logits, _labels(8, V, 0.5, opts.get("ignore_index", -100), device="cuda"), "triton", **opts)
+    if dtype == torch.float32:   # softcap >> |logits|: the Triton kernels' series for small ratios, in CUDA too
+        x64 = torch.randn(8, 4096, device="cuda", dtype=torch.float64) * 3
+        target = torch.randint(0, 4096, (8,), device="cuda")
+        assert ops.cluster_ce(x64.float(), None)
+        for softcap in (1e4, 1e6):
+            out = fused_cross_entropy(x64.float(), target, softcap=softcap, reduction="none")
+            expected = F.cross_entropy(softcap * torch.tanh(x64 / softcap), target, reduction="none")
+            assert_close(out.double(), expected, atol=1e-5, rtol=1e-5, msg=f"cluster, softcap {softcap}")
     logits = (torch.randn(8, 1000, device="cuda") * 3).to(dtype)
     _check_ce(logits, _labels(8, 1000, 0.0, device="cuda"), "triton")        # every row ignored
     assert not ops.cluster_ce(logits[:, :999], None)                          # V not a multiple of a vector
@@ -845,6 +853,24 @@ def test_cluster_kernel_cuda(dtype, monkeypatch):
 
     check_cuda_graph(step, [x, labels], [torch.randn_like(x) * 3, _labels(64, 32000, 0.2, device="cuda")],
                      atol=1e-6, rtol=1e-5)
+
+
+def test_cluster_mode_needs_the_kernel_for_the_device(monkeypatch):
+    """QLORA_KERNELS_CE_MODE=cluster takes the CUDA kernel only where the build holds its code for the device
+    (an sm_80-only build on an H100, or a card newer than the build, keeps the split path: no "no kernel image")."""
+    from types import SimpleNamespace
+    x = SimpleNamespace(is_cuda=True, shape=(4, 4096), device=SimpleNamespace(index=0), element_size=lambda: 2,
+                        data_ptr=lambda: 0, stride=lambda dim: (4096, 1)[dim])
+    native = SimpleNamespace(with_cuda=True, cross_entropy_cluster_cuda=None)
+    monkeypatch.setattr(_backend, "native", lambda: native)
+    monkeypatch.setattr(ops, "_capability_major", lambda device: 9)
+    monkeypatch.setenv("QLORA_KERNELS_CE_MODE", "cluster")
+    monkeypatch.setattr(_backend, "interpreting", lambda: False)
+    for has_image in (False, True):
+        native.cross_entropy_cluster_cuda_has_image = lambda device, has_image=has_image: has_image
+        _backend.native_has_image.cache_clear()
+        assert ops.cluster_ce(x, x) is has_image
+    _backend.native_has_image.cache_clear()
 
 
 def test_ce_mode_setting_is_checked(monkeypatch, device):

@@ -97,6 +97,20 @@ def test_round_trip_matches_reference(device, dtype, double_quant):
         assert bool(((out.float() - w.float()).abs() <= 0.15 * scale + 1e-2 * scale).all())
 
 
+def test_dequantize_storage_at_an_odd_offset(device):
+    """from_bnb views bitsandbytes' storage in place, so packed may start at any byte: every backend reads it
+    (the CUDA extension's 4-byte loads would fault with a misaligned address)."""
+    q = qk.quantize_nf4(random_weight((64, 96), torch.float32, device), 64, True, backend="reference")
+    buf = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8, device=device)
+    buf[1:].copy_(q.packed)
+    shifted = qk.NF4Weight(buf[1:], q.shape, q.dtype, q.blocksize, qabsmax=q.qabsmax, absmax2=q.absmax2,
+                           code2=q.code2, offset=q.offset, nested_blocksize=q.nested_blocksize)
+    assert shifted.packed.data_ptr() % 4 == 1
+    expected = ref.dequantize_nf4(q)
+    for backend in backends_for(device):
+        assert torch.equal(qk.dequantize_nf4(shifted, backend=backend), expected), backend
+
+
 def test_nested_map_is_bitsandbytes_dynamic_map():
     assert torch.equal(ref.dynamic_map(), bnb_functional.create_dynamic_map(signed=True))
 

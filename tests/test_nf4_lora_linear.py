@@ -571,7 +571,7 @@ def test_auto_decode_needs_the_kernel_for_the_device(monkeypatch):
     monkeypatch.setattr(_backend, "native", lambda: native)
     for has_image, decode, expected in ((False, "auto", False), (True, "auto", True), (False, "cuda", True)):
         native.nf4_lora_gemv_cuda_has_image = lambda device, has_image=has_image: has_image
-        ops._decode_image.cache_clear()
+        _backend.native_has_image.cache_clear()
         monkeypatch.setenv("QLORA_KERNELS_DECODE", decode)
         assert ops.cuda_decode(x, 64, 256) is expected, (has_image, decode)
-    ops._decode_image.cache_clear()
+    _backend.native_has_image.cache_clear()

@@ -98,6 +98,15 @@ def cuda_stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+@functools.lru_cache(maxsize=None)   # a host-side query, once per kernel and device
+def native_has_image(query, device_index) -> bool:
+    """Whether the extension answers its `query` (e.g. "nf4_lora_gemv_cuda_has_image") with True for the
+    device: it holds code of that CUDA kernel for the device's architecture (builds are SASS for the archs
+    named at install time, so a newer card has none). False where the extension or the query is missing."""
+    has_image = getattr(native(), query, None)
+    return has_image is not None and bool(has_image(device_index))
+
+
 def launch_native(name, device, *args):
     """The extension's CUDA launcher `name`(*args, stream) on `device`'s current stream, with `device` made the
     current one for the call (the launchers use the runtime's current device, as a kernel launch does)."""

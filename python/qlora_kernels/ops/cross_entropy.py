@@ -103,8 +103,9 @@ def _ce_mode():
 def cluster_ce(x, grad):
     """Whether the "cluster" mode's CUDA kernel (csrc/cross_entropy_cuda.cu) takes rows x (N, V), with the
     gradient into grad (or none): CUDA tensors on sm_90+, V a multiple of one 16-byte vector (8 bf16 / fp16,
-    4 fp32) and at most CLUSTER_MAX_VECTORS of them, rows 16-byte aligned; otherwise the split path runs.
-    An error names a missing CUDA build of the extension."""
+    4 fp32) and at most CLUSTER_MAX_VECTORS of them, rows 16-byte aligned, and a build holding the kernel's
+    code for the device (not an sm_80-only build, not a card newer than the build); otherwise the split path
+    runs. An error names a missing CUDA build of the extension."""
     if _ce_mode() != "cluster" or not x.is_cuda:
         return False
     if not hasattr(_backend.native(), "cross_entropy_cluster_cuda"):
@@ -114,7 +115,8 @@ def cluster_ce(x, grad):
     aligned = lambda t: (t.data_ptr() % 16 == 0 and t.stride(1) == 1  # noqa: E731
                          and (t.shape[0] < 2 or t.stride(0) % pack == 0))
     return (_capability_major(x.device) >= 9 and x.shape[1] % pack == 0
-            and x.shape[1] // pack <= CLUSTER_MAX_VECTORS and aligned(x) and (grad is None or aligned(grad)))
+            and x.shape[1] // pack <= CLUSTER_MAX_VECTORS and aligned(x) and (grad is None or aligned(grad))
+            and _backend.native_has_image("cross_entropy_cluster_cuda_has_image", x.device.index))
 
 
 def _block_v(V, block_v):

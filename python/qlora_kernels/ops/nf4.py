@@ -154,6 +154,9 @@ def _quantize_cuda_ext(x, blocksize):
 def _dequantize_cuda_ext(qweight):
     out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
     scales, absmax2, code2, offset = qweight.scale_tensors()
-    _backend.launch_native("nf4_dequantize_cuda", out.device, qweight.packed, scales, absmax2, code2, offset, out,
+    packed = qweight.packed
+    if packed.data_ptr() % 4:   # storage viewed at an odd offset (from_bnb): the kernel reads 4-byte words
+        packed = packed.clone()
+    _backend.launch_native("nf4_dequantize_cuda", out.device, packed, scales, absmax2, code2, offset, out,
                            qweight.blocksize, qweight.nested_blocksize)
     return out

@@ -168,13 +168,6 @@ def _r_block(r):
     return max(16, _backend.next_power_of_2(r))
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_image(device_index):
-    """Whether the extension holds the decode kernel for this device (asked once per device)."""
-    has_image = getattr(_backend.native(), "nf4_lora_gemv_cuda_has_image", None)
-    return has_image is not None and has_image(device_index)
-
-
 def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
     instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup).
@@ -194,7 +187,8 @@ def cuda_decode(x2d, blocksize, nested):
         if decode == "auto":
             return False
         raise RuntimeError("QLORA_KERNELS_DECODE=cuda needs qlora_kernels._C built with CUDA (nvcc at install time)")
-    if decode == "auto" and not _decode_image(x2d.device.index):   # e.g. a card newer than the build's archs
+    if decode == "auto" and not _backend.native_has_image("nf4_lora_gemv_cuda_has_image", x2d.device.index):
+        # e.g. a card newer than the build's archs
         return False
     power_of_two = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
     return (x2d.shape[1] % 32 == 0 and blocksize >= 32 and power_of_two(blocksize)
