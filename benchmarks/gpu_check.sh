@@ -14,10 +14,29 @@ export OUT=${OUT:-benchmarks/results}
 # that was written up to ~10 s before (the rename keeps the last whole archive)
 if [ "${PACK:-0}" = 1 ]; then
   dest=$OUT; export OUT=$HOME/gpu_out; rm -rf "$OUT"; mkdir -p "$OUT"
-  pack() { tar czf "$dest/.gpu_check.tgz" -C "$OUT" . && mv "$dest/.gpu_check.tgz" "$dest/gpu_check.tgz"; }
-  ( while sleep 10; do pack; done ) & packer=$!
+  # a temporary name per process (a killed packer's tar cannot write into the last archive); tar's status 1
+  # (a log grew while read) still leaves a whole archive
+  pack() {
+    local tmp="$dest/.gpu_check.$BASHPID.tgz"
+    tar czf "$tmp" -C "$OUT" . 2>/dev/null; [ $? -le 1 ] && mv "$tmp" "$dest/gpu_check.tgz"
+  }
+  # its output elsewhere: an orphaned `sleep` holding the call's stdout would keep the call open up to 10 s
+  ( while sleep 10; do pack; done ) >/dev/null 2>&1 & packer=$!
   trap 'kill $packer 2>/dev/null; pack' EXIT
 fi
+# CALL_LIMIT=<the call's timeout_s>: every step's limit is cut to what is left of the call, less 20 s to pack and
+# return, so the device tool's kill never lands mid-step (a step it kills may keep the GPU busy into the next
+# call); a step with no time left is skipped
+started=$SECONDS
+limited() {  # limited <seconds> <command...>
+  local limit=$1; shift
+  if [ -n "${CALL_LIMIT:-}" ]; then
+    local left=$(( CALL_LIMIT - 20 - (SECONDS - started) ))
+    (( left < limit )) && limit=$left
+  fi
+  if (( limit <= 0 )); then echo "skipped, no time left (CALL_LIMIT=$CALL_LIMIT): $*"; return 124; fi
+  timeout "$limit" "$@"
+}
 mkdir -p "$OUT"
 # unbuffered: a suite cut by `timeout` keeps what it printed (block-buffered output died with it)
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -27,8 +46,12 @@ stage() { echo "== $(date +%T) $*"; }
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   if ls .whl/*.whl >/dev/null 2>&1; then
-    stage "peer wheels"
-    python -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl
+    if [ "${REUSE_BUILD:-0}" = 1 ] && [ -d "$HOME/site" ]; then stage "peer wheels reused from $HOME/site"
+    else
+      stage "peer wheels"
+      rm -rf "$HOME/site"
+      python -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl
+    fi
     export PYTHONPATH="$HOME/site:${PYTHONPATH:-}" PATH="$HOME/site/bin:$PATH"  # bin/: ninja, when carried
   fi
   python -c "import bitsandbytes, liger_kernel; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
@@ -41,7 +64,7 @@ stage() { echo "== $(date +%T) $*"; }
   else
     stage "build (sm_90 only)"
     rm -rf "$HOME/qk"
-    QLORA_KERNELS_NO_EXT=$no_ext QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 timeout 150 python -m pip install -q \
+    QLORA_KERNELS_NO_EXT=$no_ext QLORA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 limited 150 python -m pip install -q \
       --no-build-isolation --no-deps --target "$HOME/qk" . || echo "BUILD FAILED"
   fi
   export PYTHONPATH="$HOME/qk:${PYTHONPATH:-}"
@@ -58,20 +81,20 @@ stage() { echo "== $(date +%T) $*"; }
     && echo "-n ${TEST_WORKERS:-8}")   # pytest-xdist 3.8 needs pytest >= 7
   echo "pytest workers: ${workers:-none (pytest-xdist not installed)}"
   # no -x: each CUDA-only test decides something on its own (a lookup, a mode, the decode kernel)
-  QLORA_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v \
+  QLORA_KERNELS_AUTOTUNE=0 limited "${TEST_TIMEOUT:-110}" python -m pytest ${TESTS:-tests} $workers -v \
     -m "not slow" --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   fi
   if [ "${DEMO:-0}" = 1 ]; then   # the main job on the GPU defaults (DEMO_STEPS shortens it), cut at DEMO_TIMEOUT;
     # before the suites: the main job has never run on a GPU, and the last step of a call is the one cut
     stage "qlora-kernels demo"
-    timeout "${DEMO_TIMEOUT:-120}" python -m qlora_kernels.cli demo --out "$OUT" \
+    limited "${DEMO_TIMEOUT:-120}" python -m qlora_kernels.cli demo --out "$OUT" \
       ${DEMO_STEPS:+--steps "$DEMO_STEPS"} > "$OUT/demo.log" 2>&1 || echo "demo FAILED or timed out"
     tail -15 "$OUT/demo.log"
   fi
   if [ "${PROFILE:-0}" = 1 ]; then   # kernel tables of the cases that missed their predictions (before the
     # suites, for the same reason as the demo): benchmarks/kernel_profile.py, cut at PROFILE_TIMEOUT
     stage "kernel profile (limit ${PROFILE_TIMEOUT:-60} s)"
-    timeout "${PROFILE_TIMEOUT:-60}" python -m benchmarks.kernel_profile --out "$OUT" > "$OUT/kernel_profile.log" 2>&1 \
+    limited "${PROFILE_TIMEOUT:-60}" python -m benchmarks.kernel_profile --out "$OUT" > "$OUT/kernel_profile.log" 2>&1 \
       || { echo "FAILED or timed out:"; tail -5 "$OUT/kernel_profile.log"; }
   fi
   # BENCHES="nf4 nf4_lora_linear" picks suites (default: all); each is cut at BENCH_TIMEOUT seconds, or at
@@ -83,7 +106,7 @@ stage() { echo "== $(date +%T) $*"; }
     limit_var="BENCH_TIMEOUT_$suite"
     limit=${!limit_var:-${BENCH_TIMEOUT:-75}}
     stage "$bench (limit ${limit} s)"
-    timeout "$limit" python -m "benchmarks.bench_$suite" --out "$OUT" > "$OUT/bench_$suite.log" 2>&1 \
+    limited "$limit" python -m "benchmarks.bench_$suite" --out "$OUT" > "$OUT/bench_$suite.log" 2>&1 \
       || { echo "FAILED or timed out:"; tail -5 "$OUT/bench_$suite.log"; }
   done
   stage done
