@@ -111,6 +111,34 @@ def test_dequantize_storage_at_an_odd_offset(device):
         assert torch.equal(qk.dequantize_nf4(shifted, backend=backend), expected), backend
 
 
+def test_launchers_run_on_their_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device, not its arguments': every op that launches kernels makes
+    its first input's device current (a layer on cuda:1 called while cuda:0 is current)."""
+    import contextlib
+    import pathlib
+    import re
+    from types import SimpleNamespace
+
+    made_current = []
+
+    @contextlib.contextmanager
+    def device(d):
+        made_current.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launcher = _backend.on_input_device(lambda *args, **kwargs: "launched")
+    assert launcher(3, SimpleNamespace(device=torch.device("cuda", 1)), x=torch.zeros(1)) == "launched"
+    assert made_current == [torch.device("cuda", 1)]
+    assert launcher(torch.zeros(1), qweight=SimpleNamespace(device=torch.device("cuda", 0))) == "launched"
+    assert made_current == [torch.device("cuda", 1)]     # the first one is a CPU tensor: as is
+    # every custom op (the ops' entry points, eager and compiled) carries it
+    decorated = [re.findall(r"@torch\.library\.custom_op\([^\n]*\)\n(.*)\n", path.read_text())
+                 for path in (pathlib.Path(qk.__file__).parent / "ops").glob("*.py")]
+    assert sum(map(len, decorated)) >= 11 and {line for lines in decorated for line in lines} == {
+        "@_backend.on_input_device"}
+
+
 def test_nested_map_is_bitsandbytes_dynamic_map():
     assert torch.equal(ref.dynamic_map(), bnb_functional.create_dynamic_map(signed=True))
 

@@ -280,6 +280,33 @@ def test_dropout_uses_one_mask_forward_and_backward(device, backend):
     assert torch.allclose(y_eval, nf4_lora_linear(x, qw, A, B, 2.0, b, backend=be), atol=1e-5)
 
 
+@pytest.mark.parametrize("M", [16, 17])     # the last decode-sized M and the first training one
+def test_large_r_dropout_over_several_k_tiles(device, M):
+    """r = 200 (pre-pass tile BR = 256; the input gradient's LoRA dot in two r-chunks under the interpreter), K =
+    384 (several K-tiles: the mask's offsets past the first tile, the pre-pass split over K), dropout 0.3 with
+    the op's own mask; then each gradient asked for alone (the others' kernels skipped)."""
+    p, seed = 0.3, 5
+    qw, x, A, B, b = _make(M, 72, 384, 200, device=device)
+    for backend in _backends(device):
+        torch.manual_seed(seed)
+        s = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+        triton_path = backend == "default" and (device == "cuda" or _backend.interpreting())
+        keep = ops.dropout_keep_mask(x, s, p, "triton" if triton_path else "cpu")
+        _compare(qw, x, A, B, b, 2.0, backend, keep=keep, p=p, seed=seed)
+        be = None if backend == "default" else backend
+        for alone in range(4):
+            leaves = [t.detach().clone().requires_grad_(i == alone) for i, t in enumerate((x, A, B, b))]
+            torch.manual_seed(seed)
+            y = nf4_lora_linear(leaves[0], qw, leaves[1], leaves[2], 2.0, leaves[3], dropout_p=p, backend=be)
+            refs = [t.detach().clone().requires_grad_(i == alone) for i, t in enumerate((x, A, B, b))]
+            y_ref = ref.nf4_lora_linear(refs[0], qw, refs[1], refs[2], 2.0, refs[3], keep, p)
+            dy = torch.randn_like(y_ref)
+            y.backward(dy.to(y.dtype))
+            y_ref.backward(dy)
+            assert [t.grad is not None for t in leaves] == [i == alone for i in range(4)]
+            assert_close(leaves[alone].grad, refs[alone].grad, atol=1e-4, rtol=1e-4, msg=f"{backend}: grad {alone}")
+
+
 def test_bad_inputs(device):
     qw, x, A, B, b = _make(4, 64, 128, 8, device=device)
     with pytest.raises(ValueError, match=r"x \(4, 100\)"):

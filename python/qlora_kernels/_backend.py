@@ -107,6 +107,22 @@ def native_has_image(query, device_index) -> bool:
     return has_image is not None and bool(has_image(device_index))
 
 
+def on_input_device(fn):
+    """Decorates a function that launches kernels: it runs with the CUDA device of its first tensor argument
+    (or NF4Weight: anything with a torch.device `.device`) made the current one. Triton launches on the current
+    device and its current stream, not on its arguments' device, so a layer on cuda:1 called while cuda:0 is
+    current would launch on cuda:0 with cuda:1's pointers. CPU tensors: called as is."""
+    @functools.wraps(fn)
+    def on_device(*args, **kwargs):
+        device = next((d for d in (getattr(a, "device", None) for a in (*args, *kwargs.values()))
+                       if isinstance(d, torch.device)), None)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+    return on_device
+
+
 def launch_native(name, device, *args):
     """The extension's CUDA launcher `name`(*args, stream) on `device`'s current stream, with `device` made the
     current one for the call (the launchers use the runtime's current device, as a kernel launch does)."""

@@ -77,6 +77,7 @@ def new_stats(device, zero=False):
     return alloc(kernels.STATS_SIZE, dtype=torch.float32, device=device)
 
 
+@_backend.on_input_device
 def launch_prologue(table, stats, skipped, *, norm, finalize, max_grad_norm, skip_nonfinite):
     """norm: reduce every grad into stats (sum of squares, non-finite count); finalize: norm, clip factor and
     skip decision into stats, skipped += not ok, every step counter += ok."""
@@ -90,6 +91,7 @@ def launch_prologue(table, stats, skipped, *, norm, finalize, max_grad_norm, ski
         RBLOCK=kernels.REDUCE_BLOCK, num_warps=kernels.NORM_WARPS)
 
 
+@_backend.on_input_device
 def launch_update(table, stats, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, clip, skip_nonfinite,
                   stochastic_rounding=False, seed=0):
     """One AdamW launch over every tensor of `table`; step counters must already be advanced."""

@@ -264,6 +264,7 @@ def _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, soft
 
 
 @torch.library.custom_op("qlora_kernels::cross_entropy_forward", mutates_args=())
+@_backend.on_input_device
 def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                           z_loss: float, softcap: float, mean: bool, compute_grad: bool, backend: str,
                           block_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,6 +284,7 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, comp
 
 
 @torch.library.custom_op("qlora_kernels::cross_entropy_forward_inplace", mutates_args=("logits",))
+@_backend.on_input_device
 def cross_entropy_forward_inplace(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                   label_smoothing: float, z_loss: float, softcap: float, mean: bool, backend: str,
                                   block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +301,7 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, back
 
 
 @torch.library.custom_op("qlora_kernels::cross_entropy_backward", mutates_args=())
+@_backend.on_input_device
 def cross_entropy_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
                            block_v: int) -> torch.Tensor:
@@ -323,6 +326,7 @@ def _(logits, labels, lse, grad_rows, ignore_index, label_smoothing, z_loss, sof
 
 
 @torch.library.custom_op("qlora_kernels::scale_", mutates_args=("x",))
+@_backend.on_input_device
 def scale_(x: torch.Tensor, g: torch.Tensor, backend: str) -> None:
     """x *= g (g a one-element device tensor), skipped on the device when g == 1."""
     _scale_(x, g.reshape(1).float(), backend)
@@ -768,6 +772,7 @@ def _linear_impl(hidden, weight, bias, labels, gscale, ignore_index, label_smoot
 
 
 @torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
+@_backend.on_input_device
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                          gscale: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                          softcap: float, mean: bool, need_h: bool, need_w: bool, need_b: bool, chunk_bytes: int,

@@ -98,6 +98,7 @@ def dequantize_nf4(qweight: NF4Weight, backend: str | None = None) -> torch.Tens
     return ref.dequantize_nf4(qweight)
 
 
+@_backend.on_input_device
 def _quantize_triton(x, blocksize):
     n = x.numel()
     nblocks = -(-n // blocksize)
@@ -111,6 +112,7 @@ def _quantize_triton(x, blocksize):
     return packed, absmax
 
 
+@_backend.on_input_device
 def block_scales(scales, absmax2, code2, offset, nested_blocksize):
     """fp32 block scales from a weight's scale storage (NF4Weight.scale_tensors()): `scales` itself, or the
     double quant decoded by one Triton kernel (CUDA tensors or the interpreter; the reference otherwise)."""
@@ -126,6 +128,7 @@ def block_scales(scales, absmax2, code2, offset, nested_blocksize):
     return out
 
 
+@_backend.on_input_device
 def _dequantize_triton(qweight):
     out = torch.empty(qweight.shape, dtype=qweight.dtype, device=qweight.device)
     n = qweight.numel()

@@ -334,6 +334,7 @@ def _bwd_torch(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed, 
 # --- custom ops ------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=())
+@_backend.on_input_device
 def _fwd_op(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, absmax2: Optional[torch.Tensor],
             code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], lora_A: torch.Tensor,
             lora_B: torch.Tensor, bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], out_features: int,
@@ -355,6 +356,7 @@ def _(x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, o
 
 
 @torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=())
+@_backend.on_input_device
 def _bwd_op(dy: torch.Tensor, x2d: Optional[torch.Tensor], packed: torch.Tensor, scales: torch.Tensor,
             absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
             lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, seed: Optional[torch.Tensor],

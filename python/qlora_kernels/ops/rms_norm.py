@@ -53,6 +53,7 @@ def _launch_config(H):
 
 
 @torch.library.custom_op("qlora_kernels::rms_norm_forward", mutates_args=())
+@_backend.on_input_device
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (rows, H) with unit column stride, weight (H,) -> (y (rows, H) in promote(weight, x), rstd (rows,) fp32)."""
     n, H = x2d.shape
@@ -74,6 +75,7 @@ def _(x2d, weight, eps):
 
 
 @torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())
+@_backend.on_input_device
 def rms_norm_backward(x2d: torch.Tensor, weight: torch.Tensor, dy2d: torch.Tensor, rstd: torch.Tensor,
                       need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (rows, H) in x's dtype, dweight (H,) in weight's dtype, or an empty tensor unless need_dw)."""

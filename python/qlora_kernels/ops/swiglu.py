@@ -30,6 +30,7 @@ def _grid_block(n):
 
 
 @torch.library.custom_op("qlora_kernels::swiglu_forward", mutates_args=())
+@_backend.on_input_device
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up contiguous, one shape and dtype -> silu(gate) * up."""
     y = torch.empty_like(gate)
@@ -47,6 +48,7 @@ def _(gate, up):
 
 
 @torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())
+@_backend.on_input_device
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, need_gate: bool,
                     need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up), each an empty tensor where not needed; all contiguous, one shape."""
