@@ -107,6 +107,30 @@ def native_has_image(query, device_index) -> bool:
     return has_image is not None and bool(has_image(device_index))
 
 
+_IMPLS = {}                                       # op name -> its Python implementation
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def custom_op(name, *, mutates_args):
+    """torch.library.custom_op("qlora_kernels::<name>"), keeping the implementation for `call_op`."""
+    def register(fn):
+        _IMPLS[name] = fn
+        return torch.library.custom_op(f"qlora_kernels::{name}", mutates_args=mutates_args)(fn)
+    return register
+
+
+def call_op(name, *args):
+    """torch.ops.qlora_kernels.<name>(*args), or in eager mode on plain tensors its implementation directly.
+    The dispatcher's path of a Python custom op (boxing, the alias checks, a dynamo-disabled frame) costs ~40-190
+    us of host time per call on this 2-core machine, more than many of the kernels it launches, and a QLoRA step
+    makes hundreds of calls. Tracing (torch.compile, export) and tensor subclasses (FakeTensor, DTensor, ...)
+    keep the op, which is what they need to see."""
+    if torch.compiler.is_compiling() or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS
+                                            for a in args):
+        return getattr(torch.ops.qlora_kernels, name)(*args)
+    return _IMPLS[name](*args)
+
+
 def on_input_device(fn):
     """Decorates a function that launches kernels: it runs with the CUDA device of its first tensor argument
     (or NF4Weight: anything with a torch.device `.device`) made the current one. Triton launches on the current

@@ -263,7 +263,7 @@ def _ce_forward_impl(logits, labels, ignore_index, label_smoothing, z_loss, soft
     return loss, lse
 
 
-@torch.library.custom_op("qlora_kernels::cross_entropy_forward", mutates_args=())
+@_backend.custom_op("cross_entropy_forward", mutates_args=())
 @_backend.on_input_device
 def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                           z_loss: float, softcap: float, mean: bool, compute_grad: bool, backend: str,
@@ -283,7 +283,7 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, comp
     return rows, torch.empty_like(rows), torch.empty_like(logits) if compute_grad else logits.new_empty(0)
 
 
-@torch.library.custom_op("qlora_kernels::cross_entropy_forward_inplace", mutates_args=("logits",))
+@_backend.custom_op("cross_entropy_forward_inplace", mutates_args=("logits",))
 @_backend.on_input_device
 def cross_entropy_forward_inplace(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                                   label_smoothing: float, z_loss: float, softcap: float, mean: bool, backend: str,
@@ -300,7 +300,7 @@ def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, mean, back
     return rows, torch.empty_like(rows)
 
 
-@torch.library.custom_op("qlora_kernels::cross_entropy_backward", mutates_args=())
+@_backend.custom_op("cross_entropy_backward", mutates_args=())
 @_backend.on_input_device
 def cross_entropy_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
@@ -325,7 +325,7 @@ def _(logits, labels, lse, grad_rows, ignore_index, label_smoothing, z_loss, sof
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("qlora_kernels::scale_", mutates_args=("x",))
+@_backend.custom_op("scale_", mutates_args=("x",))
 @_backend.on_input_device
 def scale_(x: torch.Tensor, g: torch.Tensor, backend: str) -> None:
     """x *= g (g a one-element device tensor), skipped on the device when g == 1."""
@@ -367,16 +367,16 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.backward_done = False
         ctx.fused = ctx.needs_input_grad[0] and reduction != "none"
         if ctx.fused and inplace_backward:
-            loss_rows, lse = torch.ops.qlora_kernels.cross_entropy_forward_inplace(logits, labels, *opts,
-                                                                                   kernel_mean, backend, block_v)
+            loss_rows, lse = _backend.call_op("cross_entropy_forward_inplace", logits, labels, *opts,
+                                              kernel_mean, backend, block_v)
             ctx.save_for_backward(logits)
         elif ctx.fused:
-            loss_rows, lse, grad = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, kernel_mean,
-                                                                                 True, backend, block_v)
+            loss_rows, lse, grad = _backend.call_op("cross_entropy_forward", logits, labels, *opts, kernel_mean,
+                                                    True, backend, block_v)
             ctx.save_for_backward(grad)
         else:
-            loss_rows, lse, _ = torch.ops.qlora_kernels.cross_entropy_forward(logits, labels, *opts, mean, False,
-                                                                              backend, block_v)
+            loss_rows, lse, _ = _backend.call_op("cross_entropy_forward", logits, labels, *opts, mean, False,
+                                                 backend, block_v)
             ctx.save_for_backward(logits, labels, lse)
         ctx.opts, ctx.backend, ctx.block_v = opts, backend, block_v
         if reduction == "none":
@@ -390,11 +390,11 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.fused:
             scale = _backward_scale(ctx, grad_out)
             (grad,) = ctx.saved_tensors
-            torch.ops.qlora_kernels.scale_(grad, scale, ctx.backend)
+            _backend.call_op("scale_", grad, scale, ctx.backend)
         else:
             logits, labels, lse = ctx.saved_tensors
-            grad = torch.ops.qlora_kernels.cross_entropy_backward(logits, labels, lse, grad_out.float().contiguous(),
-                                                                  *ctx.opts, ctx.backend, ctx.block_v)
+            grad = _backend.call_op("cross_entropy_backward", logits, labels, lse, grad_out.float().contiguous(),
+                                    *ctx.opts, ctx.backend, ctx.block_v)
         return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -771,7 +771,7 @@ def _linear_impl(hidden, weight, bias, labels, gscale, ignore_index, label_smoot
             gb if gb is not None else hidden.new_empty(0, **f32))
 
 
-@torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
+@_backend.custom_op("linear_cross_entropy", mutates_args=())
 @_backend.on_input_device
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                          gscale: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -810,8 +810,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.flags = (need_h, need_w, need_b)
         ctx.args = (opts, chunk_bytes, backend)
         grads = need_h or need_w or need_b
-        loss, gh, gw, gb = torch.ops.qlora_kernels.linear_cross_entropy(
-            hidden, weight, bias, labels, None, *opts, kernel_mean, need_h and not ctx.none,
+        loss, gh, gw, gb = _backend.call_op(
+            "linear_cross_entropy", hidden, weight, bias, labels, None, *opts, kernel_mean, need_h and not ctx.none,
             need_w and not ctx.none, need_b and not ctx.none, chunk_bytes, backend)
         if ctx.none:   # per-row gradient scales are known only in backward: recompute there
             ctx.save_for_backward(hidden, weight, bias, labels)
@@ -828,15 +828,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.none:
             hidden, weight, bias, labels = ctx.saved_tensors
             opts, chunk_bytes, backend = ctx.args
-            _, gh, gw, gb = torch.ops.qlora_kernels.linear_cross_entropy(
-                hidden, weight, bias, labels, grad_out.contiguous(), *opts, False, need_h, need_w, need_b,
-                chunk_bytes, backend)
+            _, gh, gw, gb = _backend.call_op(
+                "linear_cross_entropy", hidden, weight, bias, labels, grad_out.contiguous(), *opts, False, need_h,
+                need_w, need_b, chunk_bytes, backend)
         else:
             scale = _backward_scale(ctx, grad_out)
             gh, gw, gb = ctx.saved_tensors
             for t, need in ((gh, need_h), (gw, need_w), (gb, need_b)):
                 if need:
-                    torch.ops.qlora_kernels.scale_(t, scale, ctx.args[2])
+                    _backend.call_op("scale_", t, scale, ctx.args[2])
         return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
                 None, None, None, None, None, None, None, None)
 

@@ -333,7 +333,7 @@ def _bwd_torch(dy, x2d, packed, scales, absmax2, code2, offset, A, B, xa, seed, 
 
 # --- custom ops ------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("qlora_kernels::nf4_lora_linear_fwd", mutates_args=())
+@_backend.custom_op("nf4_lora_linear_fwd", mutates_args=())
 @_backend.on_input_device
 def _fwd_op(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, absmax2: Optional[torch.Tensor],
             code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -355,7 +355,7 @@ def _(x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, o
             x2d.new_empty((x2d.shape[0], lora_A.shape[0]), dtype=_xa_dtype(x2d)))
 
 
-@torch.library.custom_op("qlora_kernels::nf4_lora_linear_bwd", mutates_args=())
+@_backend.custom_op("nf4_lora_linear_bwd", mutates_args=())
 @_backend.on_input_device
 def _bwd_op(dy: torch.Tensor, x2d: Optional[torch.Tensor], packed: torch.Tensor, scales: torch.Tensor,
             absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
@@ -391,16 +391,17 @@ def _(dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed,
 
 
 class _NF4LoRALinear(torch.autograd.Function):
-    """Autograd around the two custom ops, as for the cross-entropy ops. (torch.library.register_autograd
-    would run torch's fill_defaults on every forward, which rebuilds the op's 16-entry argument list 32
-    times: ~100 us of host time per call, measured; a QLoRA step makes hundreds of calls.)"""
+    """Autograd around the two custom ops, as for the cross-entropy ops, called through _backend.call_op.
+    (torch.library.register_autograd would run torch's fill_defaults on every forward, which rebuilds the op's
+    16-entry argument list 32 times: ~100 us of host time per call, measured; a QLoRA step makes hundreds of
+    calls.)"""
 
     @staticmethod
     def forward(ctx, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features,
                 blocksize, nested_blocksize, scaling, dropout_p, backend):
-        y, xa = torch.ops.qlora_kernels.nf4_lora_linear_fwd(
-            x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, out_features, blocksize,
-            nested_blocksize, scaling, dropout_p, backend)
+        y, xa = _backend.call_op(
+            "nf4_lora_linear_fwd", x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed,
+            out_features, blocksize, nested_blocksize, scaling, dropout_p, backend)
         need = ctx.needs_input_grad
         ctx.need = (need[0], need[6], need[7], bias is not None and need[8])
         ctx.consts = (blocksize, nested_blocksize, scaling, dropout_p, backend)
@@ -414,9 +415,9 @@ class _NF4LoRALinear(torch.autograd.Function):
         x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
         blocksize, nested, scaling, p, backend = ctx.consts
         need_dx, need_dA, need_dB, need_dbias = ctx.need
-        dx, dA, dB, dbias = torch.ops.qlora_kernels.nf4_lora_linear_bwd(
-            dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize, nested, scaling,
-            p, backend, need_dx, need_dA, need_dB, need_dbias)
+        dx, dA, dB, dbias = _backend.call_op(
+            "nf4_lora_linear_bwd", dy, x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed, blocksize,
+            nested, scaling, p, backend, need_dx, need_dA, need_dB, need_dbias)
         return (dx if need_dx else None, None, None, None, None, None, dA if need_dA else None,
                 dB if need_dB else None, dbias.to(ctx.bias_dtype) if need_dbias else None,
                 None, None, None, None, None, None, None)

@@ -52,7 +52,7 @@ def _launch_config(H):
     return dict(BLOCK_H=block_h, num_warps=kernels.num_warps_for(block_h))
 
 
-@torch.library.custom_op("qlora_kernels::rms_norm_forward", mutates_args=())
+@_backend.custom_op("rms_norm_forward", mutates_args=())
 @_backend.on_input_device
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (rows, H) with unit column stride, weight (H,) -> (y (rows, H) in promote(weight, x), rstd (rows,) fp32)."""
@@ -74,7 +74,7 @@ def _(x2d, weight, eps):
             x2d.new_empty(n, dtype=torch.float32))
 
 
-@torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())
+@_backend.custom_op("rms_norm_backward", mutates_args=())
 @_backend.on_input_device
 def rms_norm_backward(x2d: torch.Tensor, weight: torch.Tensor, dy2d: torch.Tensor, rstd: torch.Tensor,
                       need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, eps):
-        y, rstd = torch.ops.qlora_kernels.rms_norm_forward(x2d, weight, eps)
+        y, rstd = _backend.call_op("rms_norm_forward", x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
         return y
 
@@ -121,8 +121,8 @@ class _RMSNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("qlora_kernels rms_norm: double backward (create_graph=True) is not supported")
         x2d, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.qlora_kernels.rms_norm_backward(x2d, weight, _rows(dy, x2d.shape[1]), rstd,
-                                                           ctx.needs_input_grad[1])
+        dx, dw = _backend.call_op("rms_norm_backward", x2d, weight, _rows(dy, x2d.shape[1]), rstd,
+                                  ctx.needs_input_grad[1])
         return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
 
 

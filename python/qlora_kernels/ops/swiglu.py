@@ -29,7 +29,7 @@ def _grid_block(n):
     return (_backend.cdiv(n, block),), block
 
 
-@torch.library.custom_op("qlora_kernels::swiglu_forward", mutates_args=())
+@_backend.custom_op("swiglu_forward", mutates_args=())
 @_backend.on_input_device
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up contiguous, one shape and dtype -> silu(gate) * up."""
@@ -47,7 +47,7 @@ def _(gate, up):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())
+@_backend.custom_op("swiglu_backward", mutates_args=())
 @_backend.on_input_device
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, need_gate: bool,
                     need_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gate, up):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
-        return torch.ops.qlora_kernels.swiglu_forward(gate, up)
+        return _backend.call_op("swiglu_forward", gate, up)
 
     @staticmethod
     def backward(ctx, dy):
@@ -83,7 +83,7 @@ class _SwiGLU(torch.autograd.Function):
             raise RuntimeError("qlora_kernels swiglu: double backward (create_graph=True) is not supported")
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
-        dg, du = torch.ops.qlora_kernels.swiglu_backward(gate, up, dy.contiguous(), need_gate, need_up)
+        dg, du = _backend.call_op("swiglu_backward", gate, up, dy.contiguous(), need_gate, need_up)
         return (dg if need_gate else None), (du if need_up else None)
 
 
