@@ -125,10 +125,13 @@ def call_op(name, *args):
     us of host time per call on this 2-core machine, more than many of the kernels it launches, and a QLoRA step
     makes hundreds of calls. Tracing (torch.compile, export) and tensor subclasses (FakeTensor, DTensor, ...)
     keep the op, which is what they need to see."""
-    if torch.compiler.is_compiling() or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS
-                                            for a in args):
-        return getattr(torch.ops.qlora_kernels, name)(*args)
-    return _IMPLS[name](*args)
+    if not torch.compiler.is_compiling():
+        for a in args:   # a loop, not any(<generator>): ~1.5 us less per call over the ops' ~20 arguments
+            if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
+                break
+        else:
+            return _IMPLS[name](*args)
+    return getattr(torch.ops.qlora_kernels, name)(*args)
 
 
 def on_input_device(fn):
