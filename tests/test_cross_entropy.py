@@ -615,6 +615,29 @@ def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
 
 @pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_linear_hint_understating_the_count_is_loud(gemm, device, monkeypatch):
+    """A hint whose host count understates the op's (its labels gained labelled rows through .data, keeping the
+    version): the chunk loop stops before rows it should compute. The loss comes out NaN, and a gradient
+    element, instead of garbage from rows never written."""
+    monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
+    n, H, V, budget = 48, 16, 200, 8 * 200 * 4
+    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 4
+    y = _labels(n, V, 0.25, device=device)
+    hint = ops.LabelledCountHint(y, -100)
+    version = y._version
+    y.data[torch.nonzero(y == -100)[:20, 0]] = 3
+    assert y._version == version
+    hl = h.clone().requires_grad_()
+    with ops.count_hint(hint):
+        loss = fused_linear_cross_entropy(hl, w, y, chunk_bytes=budget, backend="triton")
+    loss.backward()
+    assert loss.isnan() and hl.grad.isnan().any()
+    with ops.count_hint(ops.LabelledCountHint(y, -100)):    # a hint that agrees: no NaN
+        assert not fused_linear_cross_entropy(h, w, y, chunk_bytes=budget, backend="triton").isnan()
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
 def test_linear_hint_overstating_the_count_leaves_gradients_right(gemm, device, monkeypatch):
     """A hint whose host count overstates the op's device count (its labels lost labelled rows through .data,
     which keeps the version the hint is keyed on): the cuBLAS chunk then covers compacted positions past the

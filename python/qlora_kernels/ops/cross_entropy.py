@@ -544,7 +544,8 @@ class LabelledCountHint:
 
     def __init__(self, labels, ignore_index):
         self.key = self._key(labels, ignore_index)
-        self.counted = _CountOnHost((labels != ignore_index).sum(dtype=torch.int32).reshape(1))
+        self.count = (labels != ignore_index).sum(dtype=torch.int32).reshape(1)
+        self.counted = _CountOnHost(self.count)
 
     @staticmethod
     def _key(labels, ignore_index):
@@ -565,10 +566,23 @@ def count_hint(hint):
 
 
 def _counted(labels, ignore_index, count):
+    """(the host count the chunk loop prunes by, the hint's device count where a hint supplied it, else None)."""
     hint = getattr(_HINT, "value", None)
     if hint is not None and hint.key == LabelledCountHint._key(labels, ignore_index):
-        return hint.counted
-    return _CountOnHost(count)
+        return hint.counted, hint.count
+    return _CountOnHost(count), None
+
+
+def _poison_if_understated(count, hinted, loss_c, grad_h):
+    """A hint's count below the op's own (its labels gained labelled rows through .data, which keeps the version
+    the hint is keyed on) stopped the chunk loop early: rows were never computed. Made loud on the device, with
+    no sync: every loss NaN and one gradient element NaN (FusedAdamW then skips the step)."""
+    if hinted is None:
+        return
+    short = count > hinted
+    loss_c.masked_fill_(short, float("nan"))
+    if grad_h is not None:
+        grad_h[:1, :1].masked_fill_(short, float("nan"))
 
 
 def _alloc_chunk(rows, V, dtype, device):
@@ -608,10 +622,11 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
     count, idx, back, lab_c = _compact(labels, ignore_index)
     gs_c = None if gscale is None else gscale[idx].float().contiguous()
     loss_c = torch.empty(N, dtype=torch.float32, device=dev)
-    counted = _counted(labels, ignore_index, count)
+    counted, hinted = _counted(labels, ignore_index, count)
     if _online_mode(need_w, need_b, smoothing, softcap):
         grad_h = torch.zeros((N, H), dtype=h.dtype, device=dev) if need_h else None
         _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes)
+        _poison_if_understated(count, hinted, loss_c, grad_h)
         return _uncompact(loss_c, back), grad_h, None, None
     R = linear_ce_chunk_rows(V, h.dtype, chunk_bytes, max(N, 1))
     grouped = _grouped_gemms(h, w, b)
@@ -658,7 +673,9 @@ def _linear_ce_triton(h, w, b, labels, gscale, opts, mean, need_h, need_w, need_
         if need_b:
             kernels.colsum_kernel[(_backend.cdiv(V, 256),)](lg, grad_b, count, s, r, V, lg.stride(0), BLOCK_R=32,
                                                           BLOCK_C=256)
-    return _uncompact(loss_c, back), grad_h[:N] if need_h else None, grad_w, grad_b
+    grad_h = grad_h[:N] if need_h else None
+    _poison_if_understated(count, hinted, loss_c, grad_h)
+    return _uncompact(loss_c, back), grad_h, grad_w, grad_b
 
 
 def _linear_ce_online(h, w, b, count, counted, idx, lab_c, gs_c, loss_c, grad_h, opts, mean, chunk_bytes):
