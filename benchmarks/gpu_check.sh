@@ -18,17 +18,19 @@ if [ "${PACK:-0}" = 1 ]; then
   # (a log grew while read) still leaves a whole archive
   pack() {
     local tmp="$dest/.gpu_check.$BASHPID.tgz"
-    tar czf "$tmp" -C "$OUT" . 2>/dev/null; [ $? -le 1 ] && mv "$tmp" "$dest/gpu_check.tgz"
+    tar czf "$tmp" -C "$OUT" . 2>/dev/null; [ $? -le 1 ] && mv "$tmp" "$dest/gpu_check.tgz" || rm -f "$tmp"
   }
   # its output elsewhere: an orphaned `sleep` holding the call's stdout would keep the call open up to 10 s
   ( while sleep 10; do pack; done ) >/dev/null 2>&1 & packer=$!
-  trap 'kill $packer 2>/dev/null; pack' EXIT
+  # the packer, its tar and any half-written archive go before the last pack
+  trap 'pkill -P $packer 2>/dev/null; kill $packer 2>/dev/null; wait $packer 2>/dev/null
+        rm -f "$dest"/.gpu_check.*.tgz; pack' EXIT
 fi
 # CALL_LIMIT=<the call's timeout_s>: every step's limit is cut to what is left of the call, less 20 s to pack and
 # return, so the device tool's kill never lands mid-step (a step it kills may keep the GPU busy into the next
 # call); a step with no time left is skipped
 started=$SECONDS
-limited() {  # limited <seconds> <command...>
+limited() {  # limited <whole seconds> <command...>
   local limit=$1; shift
   if [ -n "${CALL_LIMIT:-}" ]; then
     local left=$(( CALL_LIMIT - 20 - (SECONDS - started) ))

@@ -280,12 +280,29 @@ def test_grad_mode_off_and_second_backward(device, monkeypatch):
             loss.backward()
 
 
-def test_ignore_index_types_as_torch():
-    x, y = torch.randn(4, 10), torch.tensor([1, -100, 3, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_types_as_torch(backend, device):
+    x, y = torch.randn(4, 10, device=device), torch.tensor([1, 3, 0, 2], device=device)
     np = pytest.importorskip("numpy")
-    assert_close(fused_cross_entropy(x, y, ignore_index=np.int64(-100)), F.cross_entropy(x, y), atol=1e-6, rtol=1e-6)
+    expected = F.cross_entropy(x, y, ignore_index=3)
+    for index in (np.int64(3), np.int32(3)):   # the kernels get a Python int (Triton refuses numpy's)
+        assert_close(fused_cross_entropy(x, y, ignore_index=index, backend=backend), expected, atol=1e-6, rtol=1e-6)
+        assert_close(fused_linear_cross_entropy(x, torch.eye(10, device=device), y, ignore_index=index,
+                                                backend=backend), expected, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="ignore_index must be an int"):   # F.cross_entropy refuses a bool too
         fused_cross_entropy(x, y, ignore_index=True)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="inplace_backward is the device path's")
+def test_inplace_backward_over_saved_logits_is_refused(device):
+    """inplace_backward writes the gradient over the logits: when another op saved them for its backward (exp
+    here), autograd must see the write (the version counter) and refuse, not compute a wrong gradient."""
+    z = torch.randn(4, 16, device=device, requires_grad=True)
+    logits = z.exp()
+    loss = fused_cross_entropy(logits, torch.tensor([1, 2, 3, 4], device=device), inplace_backward=True,
+                               backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("linear", [False, True])

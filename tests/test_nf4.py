@@ -141,8 +141,8 @@ def test_launchers_run_on_their_inputs_device(monkeypatch):
 
 def test_ops_skip_the_dispatcher_in_eager_mode(monkeypatch):
     """Eager calls on plain tensors run the custom ops' implementations directly (the dispatcher's path costs
-    ~40-190 us of host time a call); tensor subclasses (a FakeTensor, as tracing uses) still go through the op
-    and its fake implementation."""
+    ~40-190 us of host time a call), with the schema's scalar conversions; dispatch modes, tensor subclasses
+    (a FakeTensor, as tracing uses) and ops that write their arguments still go through the op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -155,16 +155,30 @@ def test_ops_skip_the_dispatcher_in_eager_mode(monkeypatch):
             self.seen.append(func.name())
             return func(*args, **(kwargs or {}))
 
+    fn, scalars = _backend._IMPLS["cross_entropy_forward"]
+    direct = []
+
+    def spy(*args):
+        direct.append(args)
+        return fn(*args)
+
+    monkeypatch.setitem(_backend._IMPLS, "cross_entropy_forward", (spy, scalars))
     logits = torch.randn(4, 32, requires_grad=True)
     labels = torch.randint(0, 32, (4,))
+    qk.fused_cross_entropy(logits, labels, ignore_index=np.int64(-100), backend="reference").backward()
+    assert len(direct) == 1 and type(direct[0][2]) is int      # the schema's int, not numpy's
+    # a dispatch mode (make_fx, FlopCounterMode, selective checkpointing) sees the op, as before
     with Names() as names:
         qk.fused_cross_entropy(logits, labels, backend="reference").backward()
-    assert names.seen and not [name for name in names.seen if name.startswith("qlora_kernels::")], names.seen
-    monkeypatch.setitem(_backend._IMPLS, "swiglu_forward", None)      # must not be called directly
+    assert len(direct) == 1 and "qlora_kernels::cross_entropy_forward" in names.seen, names.seen
+    # so does a tensor subclass (a FakeTensor, as tracing uses)
+    monkeypatch.setitem(_backend._IMPLS, "swiglu_forward", None)
     with FakeTensorMode() as mode:
         gate, up = mode.from_tensor(torch.randn(3, 8)), mode.from_tensor(torch.randn(3, 8))
         out = _backend.call_op("swiglu_forward", gate, up)
     assert type(out).__name__ == "FakeTensor" and out.shape == (3, 8)
+    # ops that write an argument keep the dispatcher: it bumps the version autograd checks saved tensors by
+    assert "scale_" not in _backend._IMPLS and "cross_entropy_forward_inplace" not in _backend._IMPLS
 
 
 def test_nested_map_is_bitsandbytes_dynamic_map():

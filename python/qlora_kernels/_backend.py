@@ -6,6 +6,8 @@
   extension is missing (one warning, never an import error).
 """
 import functools
+import inspect
+import operator
 import os
 import warnings
 
@@ -107,31 +109,52 @@ def native_has_image(query, device_index) -> bool:
     return has_image is not None and bool(has_image(device_index))
 
 
-_IMPLS = {}                                       # op name -> its Python implementation
+_IMPLS = {}            # op name -> (its Python implementation, the schema's scalar conversions per argument)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = {int: operator.index, float: float, bool: bool}
 
 
 def custom_op(name, *, mutates_args):
-    """torch.library.custom_op("qlora_kernels::<name>"), keeping the implementation for `call_op`."""
+    """torch.library.custom_op("qlora_kernels::<name>"), keeping a functional op's implementation for
+    `call_op` (an op that writes an argument always takes the dispatcher, which bumps its version counter)."""
     def register(fn):
-        _IMPLS[name] = fn
+        if not mutates_args:
+            params = inspect.signature(fn).parameters.values()
+            _IMPLS[name] = fn, tuple(_SCALARS.get(p.annotation) for p in params)
         return torch.library.custom_op(f"qlora_kernels::{name}", mutates_args=mutates_args)(fn)
     return register
 
 
+def _direct(args):
+    """Whether an op call may skip the dispatcher: eager, no dispatch mode or tracer watching (make_fx,
+    FlopCounterMode, selective checkpointing), no graph to record (double backward), plain tensors only."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state()):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:   # a loop, not any(<generator>): ~1.5 us less per call over the ops' ~20 arguments
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+            return False
+    return True
+
+
 def call_op(name, *args):
-    """torch.ops.qlora_kernels.<name>(*args), or in eager mode on plain tensors its implementation directly.
-    The dispatcher's path of a Python custom op (boxing, the alias checks, a dynamo-disabled frame) costs ~40-190
-    us of host time per call on this 2-core machine, more than many of the kernels it launches, and a QLoRA step
-    makes hundreds of calls. Tracing (torch.compile, export) and tensor subclasses (FakeTensor, DTensor, ...)
-    keep the op, which is what they need to see."""
-    if not torch.compiler.is_compiling():
-        for a in args:   # a loop, not any(<generator>): ~1.5 us less per call over the ops' ~20 arguments
-            if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
-                break
-        else:
-            return _IMPLS[name](*args)
-    return getattr(torch.ops.qlora_kernels, name)(*args)
+    """torch.ops.qlora_kernels.<name>(*args), or, where `_direct` allows, its implementation itself with the
+    scalars converted as the op's schema would (a numpy int becomes an int). The dispatcher's path of a Python
+    custom op (boxing, the alias checks, a dynamo-disabled frame) costs ~40-190 us of host time per call on
+    this 2-core machine, more than many of the kernels it launches, and a QLoRA step makes hundreds of calls."""
+    impl = _IMPLS.get(name)
+    if impl is None or not _direct(args):
+        return getattr(torch.ops.qlora_kernels, name)(*args)
+    fn, scalars = impl
+    return fn(*(a if convert is None or a is None or type(a) is convert else convert(a)
+                for convert, a in zip(scalars, args)))
+
+
+def refuse_double_backward(op):
+    """In an autograd Function's backward: grad mode is on there only under create_graph=True, and the gradients
+    are computed by kernels with no derivative of their own, so refuse (a graph-less gradient would be silent)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"qlora_kernels {op}: double backward (create_graph=True) is not supported")
 
 
 def on_input_device(fn):

@@ -24,13 +24,6 @@ INTERPRET_BLOCK_V = 32768
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _refuse_double_backward():
-    """Backward runs with grad mode on only under create_graph=True: the gradients here are computed by kernels
-    with no derivative of their own, so refuse (once_differentiable returned a graph-less gradient silently)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("qlora_kernels cross-entropy: double backward (create_graph=True) is not supported")
-
-
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
     if reduction not in ref.REDUCTIONS:
         raise ValueError(f"reduction must be one of {ref.REDUCTIONS}, got {reduction!r}")
@@ -386,7 +379,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _refuse_double_backward()
+        _backend.refuse_double_backward("cross-entropy")
         if ctx.fused:
             scale = _backward_scale(ctx, grad_out)
             (grad,) = ctx.saved_tensors
@@ -840,7 +833,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _refuse_double_backward()
+        _backend.refuse_double_backward("cross-entropy")
         need_h, need_w, need_b = ctx.flags
         if ctx.none:
             hidden, weight, bias, labels = ctx.saved_tensors

@@ -115,6 +115,7 @@ def dropout_keep_mask(x2d: torch.Tensor, seed: torch.Tensor, p: float, backend: 
     return (torch.rand(x2d.shape, generator=gen) >= p).to(x2d.device)
 
 
+@_backend.on_input_device
 def _dropped_triton(x2d, seed, p):
     """where(keep, x, 0), same dtype as x (a copy of x's values: exact under the interpreter too)."""
     x = x2d.contiguous()
@@ -412,6 +413,7 @@ class _NF4LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _backend.refuse_double_backward("nf4_lora_linear")
         x2d, packed, scales, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
         blocksize, nested, scaling, p, backend = ctx.consts
         need_dx, need_dA, need_dB, need_dbias = ctx.need

@@ -118,8 +118,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():
-            raise RuntimeError("qlora_kernels rms_norm: double backward (create_graph=True) is not supported")
+        _backend.refuse_double_backward("rms_norm")
         x2d, weight, rstd = ctx.saved_tensors
         dx, dw = _backend.call_op("rms_norm_backward", x2d, weight, _rows(dy, x2d.shape[1]), rstd,
                                   ctx.needs_input_grad[1])

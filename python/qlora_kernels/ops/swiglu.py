@@ -79,8 +79,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():
-            raise RuntimeError("qlora_kernels swiglu: double backward (create_graph=True) is not supported")
+        _backend.refuse_double_backward("swiglu")
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
         dg, du = _backend.call_op("swiglu_backward", gate, up, dy.contiguous(), need_gate, need_up)
