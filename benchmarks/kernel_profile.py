@@ -49,16 +49,14 @@ def kernel_table(fn, iters, cuda):
         for _ in range(iters):
             fn()
         _sync(cuda)
-    table = []
-    for evt in prof.key_averages():
-        if cuda:   # the kernels themselves (device events), not the CPU ops that launched them
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = evt.self_device_time_total
-        else:
-            us = evt.self_cpu_time_total
-        if us > 0:
-            table.append((evt.key, evt.count / iters, us / iters))
+    events = prof.key_averages()
+    if cuda:   # the kernels themselves (device events), not the CPU ops that launched them
+        kernels = [evt for evt in events if evt.device_type == torch.autograd.DeviceType.CUDA]
+        # (should a torch list no device events, the CPU ops with the device time they launched)
+        timed = [(evt, evt.self_device_time_total) for evt in kernels or events]
+    else:
+        timed = [(evt, evt.self_cpu_time_total) for evt in events]
+    table = [(evt.key, evt.count / iters, us / iters) for evt, us in timed if us > 0]
     return sorted(table, key=lambda item: -item[2])
 
 
