@@ -148,7 +148,7 @@ def test_calls_the_kernels_and_is_idempotent(checkpoint, monkeypatch):
     hinted = []   # the device path's chunk loop: was the early host count (made before the forward) its own?
     real_counted = ce_ops._counted
     monkeypatch.setattr(ce_ops, "_counted", lambda y, ignore_index, count: hinted.append(
-        real_counted(y, ignore_index, count) is getattr(ce_ops._HINT, "value", None).counted) or
+        real_counted(y, ignore_index, count)[0] is getattr(ce_ops._HINT, "value", None).counted) or
         real_counted(y, ignore_index, count))
     model = load(checkpoint)
     patch_model(model)
@@ -603,5 +603,10 @@ def test_ddp_gloo_matches_one_process(checkpoint, tmp_path, native_cpu):
     result = torch.load(tmp_path / "ddp_result.pt")
     assert_close(result["loss"], out.loss.detach(), atol=1e-5, rtol=1e-4, msg="summed rank losses")
     assert result["grads"].keys() == grads.keys()
+    # without the extension (QLORA_KERNELS_NO_EXT=1) the interpreted Triton path runs: its LoRA gradients come
+    # from bf16 GEMMs over each rank's rows, so half batches round differently: two bf16 roundings of the
+    # tensor's scale (the style.md rule), not of each element
+    bf16 = qlora_kernels._backend.native() is None
     for name, g in grads.items():
-        assert_close(result["grads"][name], g, atol=1e-5, rtol=1e-3, msg=name)
+        atol = 2**-7 * float(g.abs().max()) if bf16 else 1e-5
+        assert_close(result["grads"][name], g, atol=atol, rtol=1e-3, msg=name)
