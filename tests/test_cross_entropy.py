@@ -464,12 +464,19 @@ def test_linear_cublas_gemms(frac, frozen, bias, device, monkeypatch):
     torch (the count of a CPU tensor is known at once), not the Triton kernel."""
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", "cublas")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    mms = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: mms.append(a[0].shape) or real_mm(*a, **k))
+    torch_gemms, triton_gemms = [], []
+    real_mm, real_addmm, real_bounded = torch.mm, torch.addmm, ops._bounded_mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: torch_gemms.append(a[0].shape) or real_mm(*a, **k))
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: torch_gemms.append(a[1].shape) or real_addmm(*a, **k))
+    monkeypatch.setattr(ops, "_bounded_mm", lambda *a, **k: triton_gemms.append(
+        "acc" if k.get("accumulate") else k.get("kind", "fwd")) or real_bounded(*a, **k))
     _check_linear(72, 64, 1024, frac, dtype, "triton", device, frozen=frozen, bias=bias, chunk_bytes=16 * 1024 * 4)
     if device == "cpu":
-        assert mms and max(shape[0] for shape in mms) <= 16   # chunks of 16 rows, the live ones only
+        # logits and input gradient by torch on the live rows of each live chunk (16 rows at most); the Triton
+        # GEMM only for the weight gradient
+        assert torch_gemms and max(shape[0] for shape in torch_gemms) <= 16
+        assert len(torch_gemms) % 2 == 0 and set(triton_gemms) <= {"acc"}
+        assert len(triton_gemms) == (0 if frozen else len(torch_gemms) // 2)
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
