@@ -247,17 +247,19 @@ def test_fallbacks_to_peft(checkpoint):
     with model.disable_adapter():
         base = model(input_ids=ids, labels=labels).loss
     assert_close(base, base_ref, atol=1e-4, rtol=1e-4, msg="adapters disabled")
-    lora_loss = model(input_ids=ids, labels=labels).loss
+    out, lora_grads = loss_and_grads(model, ids, labels)
+    lora_loss = out.loss
     assert not torch.allclose(lora_loss, base, atol=1e-4)
     # a forward hook on a base layer or on lm_head (accelerate's offload hooks, user hooks) must still run:
-    # those modules are served by their own forwards
+    # those modules are served by their own forwards, with the same loss and gradients (LoRA included)
     seen = []
     q_base = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
     handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
                for m in (q_base, model.get_base_model().lm_head)]
-    ref = model(input_ids=ids, labels=labels).loss
+    out, hooked_grads = loss_and_grads(model, ids, labels)
     assert sorted(seen) == ["Linear", "Linear4bit"]
-    assert_close(ref, lora_loss, atol=1e-3, rtol=1e-2, msg="hooked modules")
+    assert_close(out.loss, lora_loss, atol=1e-3, rtol=1e-2, msg="hooked modules")
+    assert_grads_close(hooked_grads, lora_grads)
     for h in handles:
         h.remove()
     unpatch_model(model)
