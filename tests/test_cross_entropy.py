@@ -637,6 +637,22 @@ def test_linear_count_hint_prunes_only_its_own_labels(device, monkeypatch):
     assert chunks(y) == 5
 
 
+def _stale_hint(device, frac, gain):
+    """(hidden, weight, labels, a count hint, chunk budget): the hint made, then `gain` unlabelled rows labelled
+    (or -gain labelled rows unlabelled) through .data, which keeps the version the hint is keyed on."""
+    n, H, V = 48, 16, 200
+    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 4
+    y = _labels(n, V, frac, device=device)
+    hint = ops.LabelledCountHint(y, -100)
+    version = y._version
+    if gain > 0:
+        y.data[torch.nonzero(y == -100)[:gain, 0]] = 3
+    else:
+        y.data[torch.nonzero(y != -100)[:-gain, 0]] = -100
+    assert y._version == version
+    return h, w, y, hint, 8 * V * 4
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="the device path needs Triton (CUDA or the interpreter)")
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
 def test_linear_hint_understating_the_count_is_loud(gemm, device, monkeypatch):
@@ -644,13 +660,7 @@ def test_linear_hint_understating_the_count_is_loud(gemm, device, monkeypatch):
     version): the chunk loop stops before rows it should compute. The loss comes out NaN, and a gradient
     element, instead of garbage from rows never written."""
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
-    n, H, V, budget = 48, 16, 200, 8 * 200 * 4
-    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 4
-    y = _labels(n, V, 0.25, device=device)
-    hint = ops.LabelledCountHint(y, -100)
-    version = y._version
-    y.data[torch.nonzero(y == -100)[:20, 0]] = 3
-    assert y._version == version
+    h, w, y, hint, budget = _stale_hint(device, 0.25, gain=20)
     hl = h.clone().requires_grad_()
     with ops.count_hint(hint):
         loss = fused_linear_cross_entropy(hl, w, y, chunk_bytes=budget, backend="triton")
@@ -668,13 +678,7 @@ def test_linear_hint_overstating_the_count_leaves_gradients_right(gemm, device, 
     device count (they hold row 0); the kernels ignore them and their input-gradient rows must go nowhere,
     not into row 0 of the gradient."""
     monkeypatch.setenv("QLORA_KERNELS_CE_GEMM", gemm)
-    n, H, V, budget = 48, 16, 200, 8 * 200 * 4
-    h, w = torch.randn(n, H, device=device), torch.randn(V, H, device=device) / 4
-    y = _labels(n, V, 0.625, device=device)
-    hint = ops.LabelledCountHint(y, -100)
-    version = y._version
-    y.data[torch.nonzero(y != -100)[:10, 0]] = -100
-    assert y._version == version
+    h, w, y, hint, budget = _stale_hint(device, 0.625, gain=-10)
     hl, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
     with ops.count_hint(hint):
         loss = fused_linear_cross_entropy(hl, w, y, chunk_bytes=budget, backend="triton")
