@@ -231,6 +231,23 @@ def test_3d_noncontiguous_and_empty(device):
         assert x0.grad.shape == (0, 128) and float(A0.grad.abs().sum()) == 0.0
 
 
+def test_forward_without_autograd_is_the_same(device):
+    """Under no_grad (or with nothing requiring grad) the forward op runs without the autograd Function: the same
+    output, bit for bit, with the same dropout mask for the same seed."""
+    qw, x, A, B, b = _make(19, 64, 128, 8, device=device, lead=(2,))
+    A.requires_grad_()
+    for backend in _backends(device):
+        be = None if backend == "default" else backend
+        torch.manual_seed(3)
+        y = nf4_lora_linear(x, qw, A, B, 1.5, b, dropout_p=0.2, backend=be)
+        assert y.grad_fn is not None
+        for frozen in (False, True):
+            torch.manual_seed(3)
+            with torch.set_grad_enabled(frozen):
+                y0 = nf4_lora_linear(x, qw, A.detach() if frozen else A, B, 1.5, b, dropout_p=0.2, backend=be)
+            assert y0.grad_fn is None and torch.equal(y0, y.detach()), (backend, frozen)
+
+
 def test_fallback_when_in_features_not_multiple_of_blocksize(device, monkeypatch):
     if device == "cpu" and not _backend.interpreting():
         pytest.skip("CPU tensors take the CPU path (any in_features): only the Triton path falls back")
