@@ -74,6 +74,20 @@ def test_output_takes_in_place_updates(needs):
         assert got.grad is None or max_error(got.grad, want.grad) < 1e-5
 
 
+def test_forward_without_autograd_is_the_same():
+    """No backward can follow (no_grad, nothing requiring grad): the forward op alone, the same values, and an
+    output that takes in-place updates."""
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    w = torch.rand(16, device=DEVICE)
+    y = rms_norm(x, w)
+    with torch.no_grad():
+        y0 = rms_norm(x, w)
+    y1 = rms_norm(x.detach(), w)
+    assert y.grad_fn is not None and y0.grad_fn is None and y1.grad_fn is None
+    assert torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
+    y1 += 1.0
+
+
 def test_empty_rows_and_numpy_eps():
     import numpy as np
     x, w = torch.randn(4, 0, device=DEVICE), torch.ones(0, device=DEVICE)

@@ -38,6 +38,18 @@ def test_matches_hf_math(dtype, shape):
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype}, {shape})"
 
 
+def test_forward_without_autograd_is_the_same():
+    """No backward can follow (no_grad, nothing requiring grad): the forward op alone, the same values."""
+    g = torch.randn(6, 64, device=DEVICE)[:, ::2]
+    u = torch.randn(6, 32, device=DEVICE, requires_grad=True)
+    y = swiglu(g, u)
+    with torch.no_grad():
+        y0 = swiglu(g, u)
+    y1 = swiglu(g, u.detach())
+    assert y.grad_fn is not None and y0.grad_fn is None and y1.grad_fn is None
+    assert torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
+
+
 def test_one_input_needs_grad_and_strided_inputs():
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(6, 64, generator=gen).to(DEVICE)[:, ::2]          # strided: made contiguous for the kernel

@@ -150,6 +150,12 @@ def call_op(name, *args):
                 for convert, a in zip(scalars, args)))
 
 
+def needs_autograd(*tensors):
+    """Whether a backward can follow an op on these inputs (grad mode on, one of them requiring grad); where not
+    (no_grad, generation, frozen inputs) the ops call their forward op without the autograd Function's cost."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def refuse_double_backward(op):
     """In an autograd Function's backward: grad mode is on there only under create_graph=True, and the gradients
     are computed by kernels with no derivative of their own, so refuse (a graph-less gradient would be silent)."""

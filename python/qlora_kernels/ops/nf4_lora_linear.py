@@ -52,9 +52,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, l
     bias = None if bias is None else bias.contiguous()   # the kernels' epilogue reads it at unit stride
     args = (x2d, qweight.packed, scales, absmax2, code2, offset, lora_A, lora_B, bias, seed, qweight.shape[0],
             qweight.blocksize, qweight.nested_blocksize, float(scaling), p, backend or "")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
+    if _backend.needs_autograd(x2d, lora_A, lora_B, bias):
         y = _NF4LoRALinear.apply(*args)
-    else:   # no backward can follow (inference, generation): the forward op without the autograd Function's cost
+    else:
         y = _backend.call_op("nf4_lora_linear_fwd", *args)[0]
     return y.view(*x.shape[:-1], qweight.shape[0])
 

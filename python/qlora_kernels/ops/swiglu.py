@@ -93,4 +93,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check(gate, up)
     if not _backend.runs_triton(gate):
         return ref.swiglu(gate, up)
-    return _SwiGLU.apply(gate, up)
+    if _backend.needs_autograd(gate, up):
+        return _SwiGLU.apply(gate, up)
+    return _backend.call_op("swiglu_forward", gate.contiguous(), up.contiguous())
