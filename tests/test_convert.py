@@ -185,7 +185,7 @@ def test_layer_subset_and_mixed_ranks_round_trip(tmp_path):
         assert n_lora == len(lora_layers(model))
         assert (peft_logits - logits(model, ids)).abs().max() < 1e-4 * max(1.0, peft_logits.abs().max().item())
     cfg = json.loads((tmp_path / "0" / "adapter_config.json").read_text())
-    assert cfg["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+    assert cfg["target_modules"] == r"model\.layers\.0\.self_attn\.q_proj"    # PEFT: the whole path, not a suffix
 
 
 @pytest.mark.parametrize("select", [dict(target_modules=r".*\.(q_proj|v_proj)"),
@@ -228,7 +228,10 @@ def test_save_load_round_trip(tmp_path):
     (dict(r=-4), "r must be an integer >= 1"),
     (dict(r=2.5), "r must be an integer >= 1"),
     (dict(lora_alpha=0), "lora_alpha must be"),
-    (dict(lora_dropout=1.0), "lora_dropout must be in"),
+    (dict(lora_dropout=1.0), "lora_dropout must be a number in"),
+    (dict(lora_alpha=float("inf")), "lora_alpha must be a finite"),
+    (dict(use_rslora="no"), "use_rslora must be True or False"),
+    (dict(target_modules=None), "got None"),
     (dict(blocksize=48), "blocksize must be an int in"),
     (dict(target_modules=["q_proj", "qkv_proj"]), r"\['qkv_proj'\] match no nn.Linear"),
     (dict(target_modules=[]), "non-empty"),
@@ -240,6 +243,53 @@ def test_bad_arguments(kwargs, match):
         qk.convert_to_qlora(model, **args)
     assert not any(isinstance(m, LoRALinear4bit) for m in model.modules())   # nothing half-converted
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_module_refuses_bad_arguments_at_construction():
+    linear = torch.nn.Linear(64, 64)
+    for kwargs, match in ((dict(r=True), "r must be an integer"), (dict(r=2.5), "r must be an integer"),
+                          (dict(compute_dtype=torch.int8), "compute_dtype must be")):
+        with pytest.raises(ValueError, match=match):
+            LoRALinear4bit.from_linear(linear, **(dict(r=4, lora_alpha=8) | kwargs))
+
+
+def test_refusals_name_the_cause():
+    """A tied output head is not converted (that would untie it from the embeddings); a target already
+    converted is named as such."""
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    tied = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
+        qk.convert_to_qlora(tied, 4, 8, target_modules=["q_proj", "lm_head"])
+    assert not lora_layers(tied)
+    model = qk.convert_to_qlora(tiny_llama(), 4, 8, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"already converted: \['q_proj'\]"):
+        qk.convert_to_qlora(model, 4, 8, target_modules=["q_proj", "v_proj"])
+
+
+def test_wrapped_and_non_causal_models_save_what_peft_loads(tmp_path):
+    """torch.compile's wrapper does not prefix the saved keys (PEFT would load none of them, with a warning);
+    a model that cannot generate is saved without task_type CAUSAL_LM (PEFT's causal-LM wrapper needs
+    prepare_inputs_for_generation)."""
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 512, (1, 9))
+    model = converted()
+    qk.save_adapter(torch.compile(model), str(tmp_path / "compiled"))
+    keys = json.loads((tmp_path / "compiled" / "adapter_config.json").read_text())
+    peft_logits, n_lora = _peft_logits(peft, model, tmp_path / "compiled", ids, 0)
+    assert keys["task_type"] == "CAUSAL_LM" and n_lora == len(lora_layers(model))
+    assert (peft_logits - logits(model, ids)).abs().max() < 1e-4 * max(1.0, peft_logits.abs().max().item())
+    backbone = converted().model                       # a LlamaModel: no generation
+    qk.save_adapter(backbone, str(tmp_path / "backbone"))
+    assert json.loads((tmp_path / "backbone" / "adapter_config.json").read_text())["task_type"] is None
+    fresh = tiny_llama().model
+    with torch.no_grad():
+        for name, layer in lora_layers(backbone).items():
+            fresh.get_submodule(name).weight.copy_(qk.dequantize_nf4(layer.qweight))
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "backbone")).eval()
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids).last_hidden_state, backbone(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
 
 
 def test_load_adapter_errors(tmp_path):

@@ -8,6 +8,7 @@ PEFT's format (peft 0.21, task CAUSAL_LM): `adapter_model.safetensors` with keys
 `adapter_config.json` (peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora, ...).
 """
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -24,20 +25,48 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
-def _check_args(r, lora_alpha, lora_dropout, blocksize):
+def _check_args(r, lora_alpha, lora_dropout, blocksize, use_rslora=False):
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
-    if not 0.0 <= float(lora_dropout) < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not 0 < lora_alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if not isinstance(lora_dropout, (int, float)) or isinstance(lora_dropout, bool) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
     check_blocksize(blocksize)
+
+
+def _unwrapped(model):
+    """The model inside torch.compile's and DDP-style wrappers (`_orig_mod`, `.module`): their names would
+    prefix every saved key, and PEFT would then load none of them (with only a warning)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _tied_head(model, chosen):
+    """The chosen path of an output head that shares its weight with the input embeddings, else None."""
+    try:
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", 0):
+        return None
+    return next((path for path, m in chosen.items() if m is head), None)
 
 
 def _targets(model, target_modules):
     """{module path: nn.Linear} of the layers to convert, chosen by PEFT's rules: a string is a regular
     expression the whole module path must match; a list names modules by their path or a dotted suffix of it
     (`q_proj`, `self_attn.q_proj`). ValueError naming the targets that match no nn.Linear."""
+    if target_modules is None:
+        raise ValueError("target_modules must be a regular expression, a sequence of module names or "
+                         "'all-linear', got None")
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     if target_modules == "all-linear":     # PEFT's shorthand: every linear layer but the output head
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -55,8 +84,13 @@ def _targets(model, target_modules):
         missing = [t for t, found in hits.items() if not found]
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        converted = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)})
         raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its linear layers are "
-                         f"named {available}")
+                         f"named {available}" + (f"; already converted: {converted}" if converted else ""))
+    tied = _tied_head(model, chosen)
+    if tied is not None:
+        raise ValueError(f"{tied!r} shares its weight with the input embeddings (tie_word_embeddings): converting "
+                         "it would untie them; leave it out of target_modules")
     return chosen
 
 
@@ -79,11 +113,20 @@ def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: 
     of the module path), a regular expression for the whole path, or "all-linear" (every linear layer but the
     output head).
     """
-    _check_args(r, lora_alpha, lora_dropout, blocksize)
+    _check_args(r, lora_alpha, lora_dropout, blocksize, use_rslora)
+    chosen = _targets(model, target_modules)
+    return _convert(model, {path: (linear, r, lora_alpha) for path, linear in chosen.items()}, lora_dropout,
+                    use_rslora, blocksize, double_quant, compute_dtype)
+
+
+def _convert(model, layers, lora_dropout, use_rslora, blocksize=64, double_quant=True,
+             compute_dtype=torch.bfloat16):
+    """Convert exactly `layers` ({path: (nn.Linear, r, lora_alpha)}) and freeze all but the LoRA weights."""
     if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
-    chosen = _targets(model, target_modules)
-    for path, linear in chosen.items():
+    for _, r, lora_alpha in layers.values():   # every layer checked before any is converted
+        _check_args(r, lora_alpha, lora_dropout, blocksize, use_rslora)
+    for path, (linear, r, lora_alpha) in layers.items():
         layer = LoRALinear4bit.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, blocksize,
                                            double_quant, compute_dtype)
         layer.train(linear.training)
@@ -96,6 +139,7 @@ def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: 
 
 def adapter_config(model, base_model_name_or_path=None) -> dict:
     """The `adapter_config.json` PEFT writes for the LoRA layers of a converted model."""
+    model = _unwrapped(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear4bit layers: convert it with convert_to_qlora first")
@@ -112,10 +156,15 @@ def adapter_config(model, base_model_name_or_path=None) -> dict:
     exact = {n for n in linear_like if n.rsplit(".", 1)[-1] in short} == set(layers)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    # else the full paths as one regular expression PEFT matches against whole paths (a list of paths would
+    # also select any layer whose path ends with one of them)
+    targets = short if exact else "|".join(re.escape(n) for n in sorted(layers))
+    # CAUSAL_LM makes PEFT wrap the model for generation, which a model that cannot generate breaks
+    task_type = "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
-        "target_modules": short if exact else sorted(layers), "use_rslora": rslora.pop(),
+        "target_modules": targets, "use_rslora": rslora.pop(),
         "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {n: m.r for n, m in layers.items() if m.r != r},
@@ -130,6 +179,7 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: str | Non
     `base_model_name_or_path` defaults to `model.config.name_or_path`."""
     from safetensors.torch import save_file
 
+    model = _unwrapped(model)
     config = adapter_config(model, base_model_name_or_path)
     tensors = {}
     for name, layer in lora_layers(model).items():
@@ -159,6 +209,7 @@ def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
     have a layer of the right shape, r and alpha: otherwise ValueError, and nothing is loaded or converted."""
     from safetensors.torch import load_file
 
+    model = _unwrapped(model)
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
         raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -206,9 +257,9 @@ def load_adapter(model: nn.Module, path: str, **convert_kwargs) -> nn.Module:
             if tuple(tensors[key].shape) != shape:
                 raise ValueError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, the layer needs "
                                  f"{shape}")
-    if convert:
-        for name, (_, _, r, alpha) in layers.items():
-            convert_to_qlora(model, r, alpha, cfg.get("lora_dropout", 0.0), [name], rslora, **convert_kwargs)
+    if convert:   # exactly the file's layers (by path: a name would also match longer paths ending in it)
+        _convert(model, {n: (linears[n], r, alpha) for n, (_, _, r, alpha) in layers.items()},
+                 cfg.get("lora_dropout", 0.0), rslora, **convert_kwargs)
     converted = lora_layers(model)
     with torch.no_grad():
         for key, (name, part) in expected.items():

@@ -24,8 +24,10 @@ class LoRALinear4bit(nn.Module):
                  use_rslora: bool = False, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"r must be >= 1, got {r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):   # here, not at the first forward
+            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
         if not 0.0 <= float(lora_dropout) < 1.0:     # here, not at the first training forward
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         self.out_features, self.in_features = qweight.shape
