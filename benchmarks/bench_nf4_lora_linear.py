@@ -83,11 +83,14 @@ def providers(d):
     return out
 
 
-def run_one(fn, d, mode, graph=False):
-    """(ms, peak MB) of one provider; graph: the forward replayed from a CUDA graph (kernel time only)."""
+def step_for(fn, d, mode):
+    """(step, drop_grads): one call of provider fn on case d, "fwd" (no grad) or "fwd+bwd" (a fixed dy)."""
     x = d["x"].detach().requires_grad_(mode == "fwd+bwd")
     A = d["A"].detach().requires_grad_(mode == "fwd+bwd")
     B = d["B"].detach().requires_grad_(mode == "fwd+bwd")
+
+    def drop_grads():
+        x.grad = A.grad = B.grad = None
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -96,13 +99,16 @@ def run_one(fn, d, mode, graph=False):
         dy = torch.randn(x.shape[0], d["qw"].shape[0], device=x.device, dtype=x.dtype)
 
         def step():
-            x.grad = A.grad = B.grad = None
+            drop_grads()
             fn(x, A, B).backward(dy)
+    return step, drop_grads
+
+
+def run_one(fn, d, mode, graph=False):
+    """(ms, peak MB) of one provider; graph: the forward replayed from a CUDA graph (kernel time only)."""
+    step, drop_grads = step_for(fn, d, mode)
     if graph:
         return harness.graph_ms(step), None
-
-    def drop_grads():
-        x.grad = A.grad = B.grad = None
     return harness.time_ms(step), harness.peak_memory_mb(step, drop_grads)
 
 

@@ -88,24 +88,8 @@ def lora_cases(cuda):
         peer = "bnb_peft_autocast" if M > 16 else "bnb_peft"
         for name in ("ours", peer):
             if name in fns:
-                yield f"nf4_lora_linear {M}x{N}x{K} r={r} {mode}", name, _lora_step(fns[name], d, mode), iters
-
-
-def _lora_step(fn, d, mode):
-    x = d["x"].detach().requires_grad_(mode != "fwd")
-    A = d["A"].detach().requires_grad_(mode != "fwd")
-    B = d["B"].detach().requires_grad_(mode != "fwd")
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, A, B)
-        return step
-    dy = torch.randn(x.shape[0], d["qw"].shape[0], device=x.device, dtype=x.dtype)
-
-    def step():
-        x.grad = A.grad = B.grad = None
-        fn(x, A, B).backward(dy)
-    return step
+                step, _ = bench_lora.step_for(fns[name], d, mode)
+                yield f"nf4_lora_linear {M}x{N}x{K} r={r} {mode}", name, step, iters
 
 
 def e2e_cases(cuda):

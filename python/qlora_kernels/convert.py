@@ -121,9 +121,8 @@ def convert_to_qlora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: 
 
 def _convert(model, layers, lora_dropout, use_rslora, blocksize=64, double_quant=True,
              compute_dtype=torch.bfloat16):
-    """Convert exactly `layers` ({path: (nn.Linear, r, lora_alpha)}) and freeze all but the LoRA weights."""
-    if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+    """Convert exactly `layers` ({path: (nn.Linear, r, lora_alpha)}) and freeze all but the LoRA weights.
+    (compute_dtype is checked by LoRALinear4bit, at the first layer, before any is swapped in.)"""
     for _, r, lora_alpha in layers.values():   # every layer checked before any is converted
         _check_args(r, lora_alpha, lora_dropout, blocksize, use_rslora)
     for path, (linear, r, lora_alpha) in layers.items():

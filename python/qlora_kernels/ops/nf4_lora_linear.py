@@ -175,13 +175,12 @@ def _r_block(r):
 def cuda_decode(x2d, blocksize, nested):
     """Whether a one-token forward runs the extension's CUDA kernel (csrc/nf4_lora_linear_cuda.cu: ~5
     instructions per weight against ~13 / ~21 for the Triton decode tile with the PRMT / select lookup).
-    QLORA_KERNELS_DECODE=auto (the default) takes it where the extension was built with CUDA: the H100 run of
-    2026-11-27 measured it 1.1-1.5x faster than the select-tree Triton tile (1.5-1.8x replayed from a CUDA graph;
-    1.2-1.6x than the PRMT tile), and on a
-    device the build has code for (its QLORA_KERNELS_CUDA_ARCHS). "cuda" insists (an error names a missing
-    CUDA build), "triton" never takes it. It needs in_features % 32 == 0,
-    a multiple of the power-of-two block size (the kernel indexes one row's scales), and a power-of-two nested
-    block size; other shapes keep the Triton kernel."""
+    QLORA_KERNELS_DECODE=auto (the default) takes it where the extension was built with CUDA, on a device the
+    build has code for (its QLORA_KERNELS_CUDA_ARCHS): the H100 run of 2026-11-27 measured it 1.1-1.5x faster
+    than the select-tree Triton tile (1.5-1.8x replayed from a CUDA graph; 1.2-1.6x than the PRMT tile).
+    "cuda" insists (an error names a missing CUDA build), "triton" never takes it. It needs in_features % 32 ==
+    0, a multiple of the power-of-two block size (the kernel indexes one row's scales), and a power-of-two
+    nested block size; other shapes keep the Triton kernel."""
     decode = os.environ.get("QLORA_KERNELS_DECODE", "auto")
     if decode not in DECODES:
         raise ValueError(f"QLORA_KERNELS_DECODE={decode!r}: expected one of {DECODES}")
